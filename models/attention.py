@@ -1,0 +1,99 @@
+"""Grouped-query attention with float32 scores, softcap, causal and sliding-window masks, and the KV cache.
+
+Legend: B batch, T query time, S key slots, N query heads, K kv heads, G = N // K, H head dim, L layers.
+
+Masks are built from positions, never from slot indices. A slot holds the position of the token written there,
+or -1 when it is empty or holds padding. A query at position p attends to a key at position s iff
+s >= 0 (a real token), s <= p (causal) and p - s < W (the sliding window of that layer, "infinite" for full
+layers). Because padding carries position -1 and real tokens carry their position within their own row,
+right-padding a prompt, or leaving an empty gap in the cache, changes nothing a real token computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+# Stands in for "no window" in the per-layer window array (positions never get this far apart).
+NO_WINDOW = 2**30
+# Masked scores are set to this finite value, not -inf: a fully masked padding row then gives a uniform softmax
+# instead of NaN, and NaN can never leak into real rows through later reductions.
+MASKED_SCORE = -2.3819763e38
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Keys and values of every layer, a value the caller holds and passes back.
+
+  Attributes:
+    k: [L, B, S, K, H] keys (rotated by RoPE).
+    v: [L, B, S, K, H] values.
+    positions: [B, S] int32 position of the token in each slot, -1 for an empty or padding slot.
+    end: [] int32, the next slot to write; slots >= end are empty in every row.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  positions: jax.Array
+  end: jax.Array
+
+  @property
+  def num_slots(self) -> int:
+    return self.positions.shape[1]
+
+  @property
+  def batch_size(self) -> int:
+    return self.positions.shape[0]
+
+  @classmethod
+  def empty(cls, *, num_layers: int, batch_size: int, num_slots: int, num_kv_heads: int, head_dim: int,
+            dtype) -> "KVCache":
+    shape = (num_layers, batch_size, num_slots, num_kv_heads, head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               positions=jnp.full((batch_size, num_slots), -1, jnp.int32), end=jnp.zeros((), jnp.int32))
+
+  def next_positions(self) -> jax.Array:
+    """[B] int32 position the next real token of each row takes (its count of real tokens so far)."""
+    return jnp.max(self.positions, axis=1) + 1
+
+
+def attention_mask(query_positions: jax.Array, key_positions: jax.Array, window: int | jax.Array) -> jax.Array:
+  """[B, T, S] bool: which keys each query sees (see the module docstring).
+
+  Args:
+    query_positions: [B, T] int32 (padding queries may carry anything; their rows are never read).
+    key_positions: [B, S] int32, -1 for empty or padding slots.
+    window: sliding window W, or NO_WINDOW.
+  """
+  q = query_positions[:, :, None]
+  k = key_positions[:, None, :]
+  return (k >= 0) & (k <= q) & (q - k < window)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
+           softcap: float | None) -> jax.Array:
+  """Scaled dot-product attention, grouped over kv heads.
+
+  Args:
+    q: [B, T, N, H] queries (already rotated).
+    k, v: [B, S, K, H].
+    mask: [B, T, S] bool.
+    scale: multiplies the scores (head_dim ** -0.5, or query_pre_attn_scalar ** -0.5 for Gemma-2).
+    softcap: Gemma-2's tanh(s / c) * c on the scores before masking, or None.
+
+  Returns:
+    [B, T, N, H] in q.dtype. Scores, softcap and softmax run in float32.
+  """
+  B, T, N, H = q.shape
+  K = k.shape[2]
+  q = q.reshape(B, T, K, N // K, H)
+  scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+  if softcap is not None:
+    scores = jnp.tanh(scores / softcap) * softcap
+  scores = jnp.where(mask[:, None, None, :, :], scores, MASKED_SCORE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+  return out.reshape(B, T, N, H)

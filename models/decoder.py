@@ -1,0 +1,276 @@
+"""The decoder: embed -> scan over stacked layers -> final norm -> head -> final softcap.
+
+Legend: B batch, T time, S cache slots, D model dim, N query heads, K kv heads, H head dim, F feed-forward dim,
+V vocab, L layers.
+
+The Flax NNX `Decoder` only holds parameters. The computation is the pure function `forward` over a plain dict of
+arrays (`Decoder.weights()`), so it can be jitted, sharded and differentiated without NNX in the traced code:
+
+  weights = model.weights()                       # {"embed": [V, D], "layers": {...: [L, ...]}, ...}
+  hidden, cache = forward(weights, tokens, positions, config=cfg, cache=cache)
+  logits = head_logits(weights, hidden, config=cfg)
+
+Layer weights are stacked along a leading L axis and run with `jax.lax.scan`, so compile time does not grow with
+depth. Gemma-2's alternating sliding window is a per-layer flag scanned alongside the weights.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models import attention
+from models import layers as L
+from models import rope
+from models.config import DecoderConfig
+
+Weights = Mapping[str, Any]
+
+
+def weight_shapes(config: DecoderConfig) -> dict[str, Any]:
+  """The shape of every weight: {"embed", "layers": {name: (L, ...)}, "final_norm"[, "head"]}."""
+  c = config
+  per_layer = {
+      "attn_norm": (c.d_model,),
+      "q": (c.d_model, c.num_heads, c.head_dim),
+      "k": (c.d_model, c.num_kv_heads, c.head_dim),
+      "v": (c.d_model, c.num_kv_heads, c.head_dim),
+      "o": (c.num_heads, c.head_dim, c.d_model),
+      "ffw_norm": (c.d_model,),
+      "gate": (c.d_model, c.ffw_dim),
+      "up": (c.d_model, c.ffw_dim),
+      "down": (c.ffw_dim, c.d_model),
+  }
+  if c.is_gemma:
+    per_layer["post_attn_norm"] = (c.d_model,)
+    per_layer["post_ffw_norm"] = (c.d_model,)
+  shapes: dict[str, Any] = {
+      "embed": (c.vocab_size, c.d_model),
+      "layers": {name: (c.num_layers, *shape) for name, shape in per_layer.items()},
+      "final_norm": (c.d_model,),
+  }
+  if not c.tie_embeddings:
+    shapes["head"] = (c.d_model, c.vocab_size)
+  return shapes
+
+
+def _is_norm(name: str) -> bool:
+  return name.endswith("norm")
+
+
+def init_weights(config: DecoderConfig, key: jax.Array, scale: float = 0.02) -> dict[str, Any]:
+  """Random weights: normal(0, scale) matrices; norms at identity (ones, or zeros for Gemma's 1 + scale)."""
+  dtype = jnp.dtype(config.param_dtype)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(weight_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
+  keys = jax.random.split(key, len(flat))
+  leaves = []
+  for (path, shape), k in zip(flat, keys):
+    name = path[-1].key
+    if _is_norm(name):
+      leaves.append(jnp.zeros(shape, dtype) if config.is_gemma else jnp.ones(shape, dtype))
+    else:
+      leaves.append((scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def check_weights(config: DecoderConfig, weights: Weights) -> None:
+  """Raises ValueError naming the first missing, unexpected or wrongly shaped weight."""
+  expected = weight_shapes(config)
+  for group in ("embed", "final_norm", "head", "layers"):
+    if (group in expected) != (group in weights):
+      what = "missing" if group in expected else "unexpected (the config says the head is tied)"
+      raise ValueError(f"weight {group!r} is {what}.")
+  for name, shape in expected["layers"].items():
+    if name not in weights["layers"]:
+      raise ValueError(f"layer weight {name!r} is missing.")
+  for path, shape in jax.tree_util.tree_flatten_with_path(expected, is_leaf=lambda x: isinstance(x, tuple))[0]:
+    value = weights
+    for p in path:
+      value = value[p.key]
+    if tuple(value.shape) != tuple(shape):
+      name = "/".join(p.key for p in path)
+      raise ValueError(f"weight {name!r} has shape {tuple(value.shape)}; the config expects {tuple(shape)}.")
+
+
+def positions_from_mask(valid: jax.Array, start: jax.Array | int = 0) -> jax.Array:
+  """[B, T] int32 positions of real tokens (start + count of real tokens before them), -1 for padding.
+
+  Args:
+    valid: [B, T] bool, True for real tokens.
+    start: [B] or scalar, the position the first real token of each row takes.
+  """
+  valid = valid.astype(jnp.int32)
+  start = jnp.asarray(start, jnp.int32)
+  if start.ndim == 1:
+    start = start[:, None]
+  return jnp.where(valid > 0, start + jnp.cumsum(valid, axis=1) - 1, -1)
+
+
+def forward(weights: Weights, tokens: jax.Array, positions: jax.Array, *, config: DecoderConfig,
+            cache: attention.KVCache | None = None) -> tuple[jax.Array, attention.KVCache | None]:
+  """Runs the decoder body over a block of tokens.
+
+  Args:
+    weights: see `weight_shapes`.
+    tokens: [B, T] int32.
+    positions: [B, T] int32 position of each token, -1 for padding (see `positions_from_mask`).
+    config: the decoder's config (static).
+    cache: when given, the block's keys and values are written to slots cache.end .. cache.end + T - 1 and the
+      block attends to everything in the cache; the caller guarantees cache.end + T <= S. Without a cache the
+      block attends to itself only (a plain full forward).
+
+  Returns:
+    hidden: [B, T, D] final-normed activations in config.dtype (feed to `head_logits`).
+    cache: the updated cache, or None.
+  """
+  c = config
+  dtype = jnp.dtype(c.dtype)
+  inv_freq = rope.inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
+  x = L.embed(tokens, weights["embed"], dtype=dtype, scale_by_sqrt_dim=c.is_gemma)
+
+  if cache is None:
+    key_positions = positions
+  else:
+    key_positions = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, cache.end))
+  full_mask = attention.attention_mask(positions, key_positions, attention.NO_WINDOW)
+  windows = c.layer_windows()
+  sliding = any(w is not None for w in windows)
+  slide_mask = attention.attention_mask(positions, key_positions, c.sliding_window) if sliding else None
+  is_sliding = jnp.asarray([w is not None for w in windows])
+
+  def norm(h, scale):
+    return L.rms_norm(h, scale, eps=c.rms_norm_eps, plus_one=c.is_gemma)
+
+  def layer(x, scanned):
+    w, layer_slides, layer_cache = scanned
+    # Matrices run in the activation dtype; norm scales keep theirs (Gemma adds 1 in float32).
+    w = {name: (a if _is_norm(name) else a.astype(dtype)) for name, a in w.items()}
+    h = norm(x, w["attn_norm"])
+    q = rope.apply_rope(jnp.einsum("BTD,DNH->BTNH", h, w["q"]), positions, inv_freq)
+    k = rope.apply_rope(jnp.einsum("BTD,DKH->BTKH", h, w["k"]), positions, inv_freq)
+    v = jnp.einsum("BTD,DKH->BTKH", h, w["v"])
+    if layer_cache is not None:
+      cache_k, cache_v = layer_cache
+      k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache.end, 0, 0))
+      v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache.end, 0, 0))
+    mask = jnp.where(layer_slides, slide_mask, full_mask) if sliding else full_mask
+    a = attention.attend(q, k, v, mask, scale=c.query_scale, softcap=c.attn_logit_softcap)
+    a = jnp.einsum("BTNH,NHD->BTD", a, w["o"])
+    if c.is_gemma:
+      a = norm(a, w["post_attn_norm"])
+    x = x + a
+    m = L.gated_mlp(norm(x, w["ffw_norm"]), w["gate"], w["up"], w["down"], gelu=c.is_gemma)
+    if c.is_gemma:
+      m = norm(m, w["post_ffw_norm"])
+    x = x + m
+    return x, ((k, v) if layer_cache is not None else None)
+
+  layer_caches = None if cache is None else (cache.k, cache.v)
+  x, new_kv = jax.lax.scan(layer, x, (weights["layers"], is_sliding, layer_caches))
+  x = norm(x, weights["final_norm"])
+  if cache is None:
+    return x, None
+  new_cache = attention.KVCache(k=new_kv[0], v=new_kv[1], positions=key_positions,
+                                end=cache.end + tokens.shape[1])
+  return x, new_cache
+
+
+def head_logits(weights: Weights, hidden: jax.Array, *, config: DecoderConfig) -> jax.Array:
+  """[..., D] final-normed activations -> [..., V] float32 logits (final softcap applied)."""
+  if config.tie_embeddings:
+    return L.unembed(hidden, weights["embed"], transposed=True, final_softcap=config.final_logit_softcap)
+  return L.unembed(hidden, weights["head"], transposed=False, final_softcap=config.final_logit_softcap)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def full_logits(weights: Weights, tokens: jax.Array, *, config: DecoderConfig) -> jax.Array:
+  """[B, T] int32 tokens (no padding) -> [B, T, V] float32 logits of one full forward."""
+  B, T = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  hidden, _ = forward(weights, tokens, positions, config=config)
+  return head_logits(weights, hidden, config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def extend(weights: Weights, cache: attention.KVCache, tokens: jax.Array, valid: jax.Array, *,
+           config: DecoderConfig) -> tuple[jax.Array, attention.KVCache]:
+  """Appends a block of tokens to a cache and returns the logits of every block position.
+
+  Args:
+    cache: slots [0, cache.end) in use; needs cache.end + T <= S.
+    tokens: [B, T] int32.
+    valid: [B, T] bool, False for padding (padding gets position -1 and is invisible to later tokens).
+
+  Returns:
+    logits: [B, T, V] float32.
+    cache: the cache with the block written.
+  """
+  positions = positions_from_mask(valid, cache.next_positions())
+  hidden, cache = forward(weights, tokens, positions, config=config, cache=cache)
+  return head_logits(weights, hidden, config=config), cache
+
+
+class Decoder(nnx.Module):
+  """A Gemma-2 or Llama decoder's parameters, with the pure `forward` behind `__call__`.
+
+  Attributes:
+    config: the DecoderConfig.
+    embed: nnx.Param [V, D].
+    layers: nnx.Dict of nnx.Param, each stacked [L, ...] (see `weight_shapes`).
+    final_norm: nnx.Param [D].
+    head: nnx.Param [D, V], or None when the head is tied to the embedding.
+    tokenizer_files: {file name: text} of the tokenizer the checkpoint came with (written back on export), or {}.
+  """
+
+  def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs | None = None,
+               weights: Weights | None = None):
+    if weights is None:
+      key = rngs.params() if rngs is not None else jax.random.key(0)
+      weights = init_weights(config, key)
+    check_weights(config, weights)
+    self.config = config
+    self.embed = nnx.Param(jnp.asarray(weights["embed"]))
+    self.layers = nnx.Dict({name: nnx.Param(jnp.asarray(a)) for name, a in weights["layers"].items()})
+    self.final_norm = nnx.Param(jnp.asarray(weights["final_norm"]))
+    self.head = nnx.Param(jnp.asarray(weights["head"])) if "head" in weights else None
+    self.tokenizer_files: dict[str, str] = {}
+
+  def weights(self) -> dict[str, Any]:
+    """The parameters as a plain dict of arrays (what `forward` takes)."""
+    out = {
+        "embed": self.embed[...],
+        "layers": {name: p[...] for name, p in self.layers.items()},
+        "final_norm": self.final_norm[...],
+    }
+    if self.head is not None:
+      out["head"] = self.head[...]
+    return out
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    """[B, T] int32 tokens -> [B, T, V] float32 logits."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, time]; got shape {tuple(tokens.shape)}.")
+    return full_logits(self.weights(), tokens, config=self.config)
+
+  def init_cache(self, batch_size: int, num_slots: int) -> attention.KVCache:
+    c = self.config
+    return attention.KVCache.empty(num_layers=c.num_layers, batch_size=batch_size, num_slots=num_slots,
+                                   num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=jnp.dtype(c.dtype))
+
+  def extend(self, cache: attention.KVCache, tokens: jax.Array,
+             valid: jax.Array | None = None) -> tuple[jax.Array, attention.KVCache]:
+    """See the module-level `extend`; checks that the block fits in the cache."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    end = int(cache.end)
+    if end + tokens.shape[1] > cache.num_slots:
+      raise ValueError(f"a block of {tokens.shape[1]} tokens does not fit in a cache with {end} of "
+                       f"{cache.num_slots} slots used.")
+    if valid is None:
+      valid = np.ones(tokens.shape, bool)
+    return extend(self.weights(), cache, tokens, jnp.asarray(valid), config=self.config)

@@ -1,0 +1,56 @@
+"""Rotary position embedding (rotate-half layout, as Hugging Face Llama and Gemma-2) with llama3 frequency scaling.
+
+Legend: B batch, T time, N heads, H head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import RopeScaling
+
+
+def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+  """[H // 2] float32 inverse frequencies, with Llama-3's wavelength-dependent scaling when given.
+
+  Llama-3 leaves high frequencies (wavelength < original_context / high_freq_factor) alone, divides low
+  frequencies (wavelength > original_context / low_freq_factor) by `factor`, and blends linearly in between.
+  Computed in float32 like transformers so that positions far into the context agree to the last bits.
+  """
+  exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+  inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+  if scaling is None:
+    return inv_freq
+  old_context = scaling.original_max_position_embeddings
+  low_freq_wavelen = old_context / scaling.low_freq_factor
+  high_freq_wavelen = old_context / scaling.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+  smooth = (old_context / wavelen - scaling.low_freq_factor) / (
+      scaling.high_freq_factor - scaling.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotates x by its positions.
+
+  Args:
+    x: [B, T, N, H].
+    positions: [B, T] int32 (padding may carry any value: its output is never read).
+    inv_freq: [H // 2] from `inverse_frequencies`.
+
+  Returns:
+    [B, T, N, H] in x.dtype.
+  """
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+  cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rotated * sin
