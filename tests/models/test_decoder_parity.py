@@ -1,0 +1,103 @@
+"""The decoders against Hugging Face transformers: tiny random models, eager attention, float32.
+
+Each case builds a transformers model with random weights (norm scales included, so the 1 + scale of Gemma and
+the plain scale of Llama both matter), saves it with `save_pretrained`, loads it with `hf_io.load_pretrained`,
+and compares log-probabilities at every position. Sequences are longer than Gemma's sliding window, the Llama
+configs carry llama3 rope scaling with a short original context so that the scaling changes the frequencies,
+and the Gemma configs use small softcaps so that tanh is far from linear.
+"""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from models import hf_io
+
+TOLERANCE = 1e-4
+SEQ_LEN = 24
+
+
+def log_softmax(x):
+  x = np.asarray(x, np.float64)
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight"):
+        p.copy_(0.3 * torch.randn(p.shape, generator=generator) + (0.0 if "gemma" in type(model).__name__.lower()
+                                                                      else 1.0))
+      else:
+        p.copy_(0.15 * torch.randn(p.shape, generator=generator))
+
+
+def llama_config(tied: bool):
+  return transformers.LlamaConfig(
+      vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=6,
+      num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5, max_position_embeddings=256,
+      tie_word_embeddings=tied,
+      rope_parameters={"rope_type": "llama3", "rope_theta": 50_000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+      attn_implementation="eager")
+
+
+def gemma2_config(tied: bool):
+  return transformers.Gemma2Config(
+      vocab_size=103, hidden_size=48, intermediate_size=80, num_hidden_layers=4, num_attention_heads=4,
+      num_key_value_heads=2, head_dim=16, sliding_window=5, query_pre_attn_scalar=12, attn_logit_softcapping=2.0,
+      final_logit_softcapping=3.0, tie_word_embeddings=tied, max_position_embeddings=256,
+      attn_implementation="eager")
+
+
+CASES = {
+    "llama_untied": (transformers.LlamaForCausalLM, llama_config, False),
+    "llama_tied": (transformers.LlamaForCausalLM, llama_config, True),
+    "gemma2_tied": (transformers.Gemma2ForCausalLM, gemma2_config, True),
+    "gemma2_untied": (transformers.Gemma2ForCausalLM, gemma2_config, False),
+}
+
+
+def build_reference(case: str, directory, seed: int = 0):
+  cls, make_config, tied = CASES[case]
+  torch.manual_seed(seed)
+  model = cls(make_config(tied)).eval()
+  randomize(model, seed)
+  model.save_pretrained(directory)
+  return model
+
+
+def reference_log_probs(model, tokens: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    return log_softmax(model(torch.as_tensor(tokens)).logits.numpy())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_full_forward_matches_transformers(case, tmp_path):
+  reference = build_reference(case, tmp_path)
+  model = hf_io.load_pretrained(str(tmp_path), dtype="float32")
+  assert model.config.tie_embeddings == CASES[case][2]
+  tokens = np.random.default_rng(1).integers(0, reference.config.vocab_size, (2, SEQ_LEN)).astype(np.int32)
+  ours = log_softmax(model(tokens))
+  theirs = reference_log_probs(reference, tokens)
+  assert ours.shape == theirs.shape
+  np.testing.assert_array_less(np.abs(ours - theirs).max(), TOLERANCE)
+
+
+def test_sliding_window_and_rope_scaling_matter(tmp_path):
+  """Guards the parity tests: the window and llama3 scaling change the outputs at these lengths."""
+  gemma = build_reference("gemma2_tied", tmp_path / "g")
+  tokens = np.random.default_rng(2).integers(0, 100, (1, SEQ_LEN)).astype(np.int32)
+  model = hf_io.load_pretrained(str(tmp_path / "g"), dtype="float32")
+  no_window = model.config.replace(sliding_window=None)
+  from models import decoder
+  unwindowed = log_softmax(decoder.full_logits(model.weights(), tokens, config=no_window))
+  assert np.abs(unwindowed - reference_log_probs(gemma, tokens)).max() > 1e-3
+
+  llama = build_reference("llama_untied", tmp_path / "l")
+  model = hf_io.load_pretrained(str(tmp_path / "l"), dtype="float32")
+  unscaled = log_softmax(decoder.full_logits(model.weights(), tokens, config=model.config.replace(rope_scaling=None)))
+  assert np.abs(unscaled - reference_log_probs(llama, tokens)).max() > 1e-3
