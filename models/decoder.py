@@ -131,6 +131,7 @@ def forward(weights: Weights, tokens: jax.Array, positions: jax.Array, *, config
   c = config
   dtype = jnp.dtype(c.dtype)
   inv_freq = rope.inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
+  cos, sin = rope.rotary_angles(positions, inv_freq, dtype)
   x = L.embed(tokens, weights["embed"], dtype=dtype, scale_by_sqrt_dim=c.is_gemma)
 
   if cache is None:
@@ -151,9 +152,11 @@ def forward(weights: Weights, tokens: jax.Array, positions: jax.Array, *, config
     # Matrices run in the activation dtype; norm scales keep theirs (Gemma adds 1 in float32).
     w = {name: (a if _is_norm(name) else a.astype(dtype)) for name, a in w.items()}
     h = norm(x, w["attn_norm"])
-    q = rope.apply_rope(jnp.einsum("BTD,DNH->BTNH", h, w["q"]), positions, inv_freq)
-    k = rope.apply_rope(jnp.einsum("BTD,DKH->BTKH", h, w["k"]), positions, inv_freq)
-    v = jnp.einsum("BTD,DKH->BTKH", h, w["v"])
+    # One matmul for queries, keys and values: XLA:CPU runs a [D, (N + 2K) * H] product faster than three.
+    qkv = jnp.einsum("BTD,DNH->BTNH", h, jnp.concatenate([w["q"], w["k"], w["v"]], axis=1))
+    q, k, v = jnp.split(qkv, [c.num_heads, c.num_heads + c.num_kv_heads], axis=2)
+    q = rope.apply_rope(q, cos, sin)
+    k = rope.apply_rope(k, cos, sin)
     if layer_cache is not None:
       cache_k, cache_v = layer_cache
       k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache.end, 0, 0))
@@ -213,6 +216,32 @@ def extend(weights: Weights, cache: attention.KVCache, tokens: jax.Array, valid:
   positions = positions_from_mask(valid, cache.next_positions())
   hidden, cache = forward(weights, tokens, positions, config=config, cache=cache)
   return head_logits(weights, hidden, config=config), cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_slots"))
+def prefill(weights: Weights, tokens: jax.Array, valid: jax.Array, *, config: DecoderConfig,
+            num_slots: int) -> tuple[jax.Array, attention.KVCache]:
+  """Encodes right-padded prompts into a fresh cache; the vocabulary head runs only at each row's last real token.
+
+  The head is a [D, V] product (V = 49k for SmolLM2, 256k for Gemma): computing it at every prompt position
+  would cost about a quarter of the whole prefill, for logits nobody reads.
+
+  Args:
+    tokens: [B, T] int32, each row's prompt followed by padding.
+    valid: [B, T] bool, True on the real tokens (a prefix of each row; at least one per row).
+    num_slots: S >= T, the cache size (static).
+
+  Returns:
+    logits: [B, V] float32 at each row's last real token.
+    cache: [L, B, S, ...] with slots [0, T) written.
+  """
+  B, T = tokens.shape
+  cache = attention.KVCache.empty(num_layers=config.num_layers, batch_size=B, num_slots=num_slots,
+                                  num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+                                  dtype=jnp.dtype(config.dtype))
+  hidden, cache = forward(weights, tokens, positions_from_mask(valid), config=config, cache=cache)
+  last = jnp.sum(valid.astype(jnp.int32), axis=1) - 1
+  return head_logits(weights, hidden[jnp.arange(B), last], config=config), cache
 
 
 class Decoder(nnx.Module):

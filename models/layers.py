@@ -41,8 +41,9 @@ def gated_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, *, 
   Returns:
     [B, T, D].
   """
-  g = jnp.einsum("BTD,DF->BTF", x, gate)
-  u = jnp.einsum("BTD,DF->BTF", x, up)
+  # One [D, 2F] product instead of two [D, F] ones: XLA:CPU would otherwise run the two independent dots
+  # concurrently on one thread each, which is slower than one dot on all threads.
+  g, u = jnp.split(jnp.einsum("BTD,DF->BTF", x, jnp.concatenate([gate, up], axis=1)), 2, axis=-1)
   activated = jax.nn.gelu(g, approximate=True) if gelu else jax.nn.silu(g)
   return jnp.einsum("BTF,FD->BTD", activated * u, down)
 

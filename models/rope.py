@@ -37,20 +37,30 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
   return np.where(is_medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-  """Rotates x by its positions.
+def rotary_angles(positions: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
+  """cos and sin of every position's angles, computed once per forward and shared by all layers.
 
   Args:
-    x: [B, T, N, H].
     positions: [B, T] int32 (padding may carry any value: its output is never read).
     inv_freq: [H // 2] from `inverse_frequencies`.
 
   Returns:
+    cos, sin: [B, T, 1, H // 2] in dtype (the 1 broadcasts over heads).
+  """
+  angles = positions.astype(jnp.float32)[..., None, None] * jnp.asarray(inv_freq)
+  return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates x by the angles from `rotary_angles` (rotate-half layout: dimension j pairs with j + H/2).
+
+  Args:
+    x: [B, T, N, H].
+    cos, sin: [B, T, 1, H // 2].
+
+  Returns:
     [B, T, N, H] in x.dtype.
   """
-  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
-  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
-  cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
   half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  return x * cos + rotated * sin
+  x1, x2 = x[..., :half], x[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
