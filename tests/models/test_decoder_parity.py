@@ -101,3 +101,17 @@ def test_sliding_window_and_rope_scaling_matter(tmp_path):
   model = hf_io.load_pretrained(str(tmp_path / "l"), dtype="float32")
   unscaled = log_softmax(decoder.full_logits(model.weights(), tokens, config=model.config.replace(rope_scaling=None)))
   assert np.abs(unscaled - reference_log_probs(llama, tokens)).max() > 1e-3
+
+
+@pytest.mark.parametrize("case", ["gemma2_tied", "llama_untied"])
+def test_bfloat16_weights_and_activations_stay_close(case, tmp_path):
+  """bf16 weights + activations (the TPU setting) with float32 scores, softcaps, softmax and norm statistics:
+  log-probs within bf16 rounding of the float32 reference, logits returned in float32."""
+  reference = build_reference(case, tmp_path)
+  model = hf_io.load_pretrained(str(tmp_path), dtype="bfloat16")
+  assert model.weights()["embed"].dtype == np.dtype("bfloat16")
+  tokens = np.random.default_rng(1).integers(0, reference.config.vocab_size, (2, SEQ_LEN)).astype(np.int32)
+  logits = model(tokens)
+  assert logits.dtype == np.float32
+  difference = np.abs(log_softmax(logits) - reference_log_probs(reference, tokens))
+  assert 1e-4 < difference.max() < 0.15  # really ran in bf16, and only bf16's rounding apart
