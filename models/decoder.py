@@ -111,18 +111,81 @@ def positions_from_mask(valid: jax.Array, start: jax.Array | int = 0) -> jax.Arr
   return jnp.where(valid > 0, start + jnp.cumsum(valid, axis=1) - 1, -1)
 
 
+def unstack_layers(weights: Weights) -> dict[str, Any]:
+  """The same weights with "layers" as a tuple of L per-layer dicts instead of stacked [L, ...] arrays.
+
+  The cached (sampling) path runs layers in a Python loop; given stacked weights it would slice layer l out of
+  every stacked array on every call, which XLA materialises as a copy of all weights per decode step. Unstack
+  once (per weight update) and pass the result to `forward` with a cache.
+  """
+  layers = weights["layers"]
+  if isinstance(layers, (tuple, list)):
+    return dict(weights)
+  num_layers = next(iter(layers.values())).shape[0]
+  return {**weights, "layers": tuple({name: a[l] for name, a in layers.items()} for l in range(num_layers))}
+
+
+def _block(x: jax.Array, w: Weights, *, config: DecoderConfig, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+           kv: tuple[jax.Array, jax.Array] | None, end: jax.Array | None
+           ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """One decoder layer.
+
+  Args:
+    x: [B, T, D] residual stream.
+    w: this layer's weights (see `weight_shapes`, without the L axis).
+    cos, sin: [B, T, 1, H // 2] rotary angles.
+    mask: [B, T, S] the layer's attention mask (sliding or full).
+    kv: this layer's cache buffers ([B, K, S, H] each), or None to attend within the block only.
+    end: the cache slot where this block's keys and values go.
+
+  Returns:
+    x: [B, T, D].
+    (k, v): the layer's updated cache buffers, or the block's own keys and values ([B, K, T, H]) without a cache.
+  """
+  c = config
+  dtype = x.dtype
+
+  def norm(h, scale):
+    return L.rms_norm(h, scale, eps=c.rms_norm_eps, plus_one=c.is_gemma)
+
+  # Matrices run in the activation dtype; norm scales keep theirs (Gemma adds 1 in float32).
+  w = {name: (a if _is_norm(name) else a.astype(dtype)) for name, a in w.items()}
+  h = norm(x, w["attn_norm"])
+  # One matmul for queries, keys and values: XLA:CPU runs a [D, (N + 2K) * H] product faster than three.
+  qkv = jnp.einsum("BTD,DNH->BTNH", h, jnp.concatenate([w["q"], w["k"], w["v"]], axis=1))
+  q, k, v = jnp.split(qkv, [c.num_heads, c.num_heads + c.num_kv_heads], axis=2)
+  q = rope.apply_rope(q, cos, sin)
+  k = rope.apply_rope(k, cos, sin).transpose(0, 2, 1, 3)  # [B, K, T, H]
+  v = v.transpose(0, 2, 1, 3)
+  if kv is not None:
+    k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, 0, end, 0))
+    v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, 0, end, 0))
+  a = attention.attend(q, k, v, mask, scale=c.query_scale, softcap=c.attn_logit_softcap)
+  a = jnp.einsum("BTNH,NHD->BTD", a, w["o"])
+  if c.is_gemma:
+    a = norm(a, w["post_attn_norm"])
+  x = x + a
+  m = L.gated_mlp(norm(x, w["ffw_norm"]), w["gate"], w["up"], w["down"], gelu=c.is_gemma)
+  if c.is_gemma:
+    m = norm(m, w["post_ffw_norm"])
+  return x + m, (k, v)
+
+
 def forward(weights: Weights, tokens: jax.Array, positions: jax.Array, *, config: DecoderConfig,
             cache: attention.KVCache | None = None) -> tuple[jax.Array, attention.KVCache | None]:
   """Runs the decoder body over a block of tokens.
 
+  Without a cache the block attends to itself (a plain full forward, for scoring and training) and the stacked
+  layers run under `jax.lax.scan`. With a cache the block's keys and values are written to slots
+  cache.end .. cache.end + T - 1, the block attends to everything in the cache, and the layers run in a Python
+  loop over per-layer buffers (pass `unstack_layers(weights)` on hot paths; see there).
+
   Args:
-    weights: see `weight_shapes`.
+    weights: see `weight_shapes`; "layers" stacked, or a tuple of per-layer dicts (`unstack_layers`).
     tokens: [B, T] int32.
     positions: [B, T] int32 position of each token, -1 for padding (see `positions_from_mask`).
     config: the decoder's config (static).
-    cache: when given, the block's keys and values are written to slots cache.end .. cache.end + T - 1 and the
-      block attends to everything in the cache; the caller guarantees cache.end + T <= S. Without a cache the
-      block attends to itself only (a plain full forward).
+    cache: the cache to extend; the caller guarantees cache.end + T <= S.
 
   Returns:
     hidden: [B, T, D] final-normed activations in config.dtype (feed to `head_logits`).
@@ -133,54 +196,39 @@ def forward(weights: Weights, tokens: jax.Array, positions: jax.Array, *, config
   inv_freq = rope.inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
   cos, sin = rope.rotary_angles(positions, inv_freq, dtype)
   x = L.embed(tokens, weights["embed"], dtype=dtype, scale_by_sqrt_dim=c.is_gemma)
-
-  if cache is None:
-    key_positions = positions
-  else:
-    key_positions = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, cache.end))
-  full_mask = attention.attention_mask(positions, key_positions, attention.NO_WINDOW)
   windows = c.layer_windows()
-  sliding = any(w is not None for w in windows)
-  slide_mask = attention.attention_mask(positions, key_positions, c.sliding_window) if sliding else None
-  is_sliding = jnp.asarray([w is not None for w in windows])
+  key_positions = positions if cache is None else jax.lax.dynamic_update_slice(
+      cache.positions, positions.astype(jnp.int32), (0, cache.end))
+  full_mask = attention.attention_mask(positions, key_positions, attention.NO_WINDOW)
+  slide_mask = (attention.attention_mask(positions, key_positions, c.sliding_window)
+                if c.sliding_window is not None else None)
+  block = functools.partial(_block, config=c, cos=cos, sin=sin)
 
-  def norm(h, scale):
-    return L.rms_norm(h, scale, eps=c.rms_norm_eps, plus_one=c.is_gemma)
-
-  def layer(x, scanned):
-    w, layer_slides, layer_cache = scanned
-    # Matrices run in the activation dtype; norm scales keep theirs (Gemma adds 1 in float32).
-    w = {name: (a if _is_norm(name) else a.astype(dtype)) for name, a in w.items()}
-    h = norm(x, w["attn_norm"])
-    # One matmul for queries, keys and values: XLA:CPU runs a [D, (N + 2K) * H] product faster than three.
-    qkv = jnp.einsum("BTD,DNH->BTNH", h, jnp.concatenate([w["q"], w["k"], w["v"]], axis=1))
-    q, k, v = jnp.split(qkv, [c.num_heads, c.num_heads + c.num_kv_heads], axis=2)
-    q = rope.apply_rope(q, cos, sin)
-    k = rope.apply_rope(k, cos, sin)
-    if layer_cache is not None:
-      cache_k, cache_v = layer_cache
-      k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache.end, 0, 0))
-      v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache.end, 0, 0))
-    mask = jnp.where(layer_slides, slide_mask, full_mask) if sliding else full_mask
-    a = attention.attend(q, k, v, mask, scale=c.query_scale, softcap=c.attn_logit_softcap)
-    a = jnp.einsum("BTNH,NHD->BTD", a, w["o"])
-    if c.is_gemma:
-      a = norm(a, w["post_attn_norm"])
-    x = x + a
-    m = L.gated_mlp(norm(x, w["ffw_norm"]), w["gate"], w["up"], w["down"], gelu=c.is_gemma)
-    if c.is_gemma:
-      m = norm(m, w["post_ffw_norm"])
-    x = x + m
-    return x, ((k, v) if layer_cache is not None else None)
-
-  layer_caches = None if cache is None else (cache.k, cache.v)
-  x, new_kv = jax.lax.scan(layer, x, (weights["layers"], is_sliding, layer_caches))
-  x = norm(x, weights["final_norm"])
   if cache is None:
-    return x, None
-  new_cache = attention.KVCache(k=new_kv[0], v=new_kv[1], positions=key_positions,
-                                end=cache.end + tokens.shape[1])
-  return x, new_cache
+    is_sliding = jnp.asarray([w is not None for w in windows])
+
+    def scan_body(x, scanned):
+      w, layer_slides = scanned
+      mask = jnp.where(layer_slides, slide_mask, full_mask) if slide_mask is not None else full_mask
+      x, _ = block(x, w, mask=mask, kv=None, end=None)
+      return x, None
+
+    layers = weights["layers"]
+    if isinstance(layers, (tuple, list)):
+      layers = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    x, _ = jax.lax.scan(scan_body, x, (layers, is_sliding))
+    return L.rms_norm(x, weights["final_norm"], eps=c.rms_norm_eps, plus_one=c.is_gemma), None
+
+  per_layer = unstack_layers(weights)["layers"]
+  new_k, new_v = [], []
+  for l, window in enumerate(windows):
+    mask = slide_mask if window is not None else full_mask
+    x, (k, v) = block(x, per_layer[l], mask=mask, kv=(cache.k[l], cache.v[l]), end=cache.end)
+    new_k.append(k)
+    new_v.append(v)
+  x = L.rms_norm(x, weights["final_norm"], eps=c.rms_norm_eps, plus_one=c.is_gemma)
+  return x, attention.KVCache(k=tuple(new_k), v=tuple(new_v), positions=key_positions,
+                              end=cache.end + tokens.shape[1])
 
 
 def head_logits(weights: Weights, hidden: jax.Array, *, config: DecoderConfig) -> jax.Array:
