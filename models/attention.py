@@ -71,8 +71,9 @@ class KVCache:
       rows: [B'] int32 indices into this cache's batch.
     """
     take = lambda a: jnp.take(a, rows, axis=0)
+    # `end` is copied too, so that donating the fork to a jitted program never deletes the parent's buffers.
     return KVCache(k=tuple(map(take, self.k)), v=tuple(map(take, self.v)), positions=take(self.positions),
-                   end=self.end)
+                   end=jnp.array(self.end))
 
 
 def attention_mask(query_positions: jax.Array, key_positions: jax.Array, window: int | jax.Array) -> jax.Array:

@@ -1,0 +1,370 @@
+"""Batched, bucketed, data-parallel sampling and value scoring over a KV cache that the caller holds.
+
+Legend: B rows (prompts, or prompts x k samples), T prompt bucket, M new-token bucket, S cache slots, V vocab.
+
+  sampler = Sampler(model, vocab=tokenizer.get_vocab(), mesh=parallel.make_mesh())
+  prefix = sampler.prefill(prompt_token_lists, reserve=64 + 16)    # each prompt encoded once
+  samples = sampler.sample(prefix, k=4, stop=["<end_of_thought>"], max_new_tokens=64,
+                           params=SamplingParams(temperature=0.8), seed=0)
+  values = sampler.score(samples.prefix, rating_suffixes, positive_id, negative_id)
+
+A `Prefix` is a cache plus the next-token logits at the end of every row. Prefill encodes right-padded prompts
+(padded to a prompt bucket, positions from the mask); `fork` copies rows (a parent's prefix into its k
+children's rows); `extend` appends tokens; `sample` forks each row k times and decodes all rows in one jitted
+`lax.while_loop` that stops when every row has stopped; `score` reads log p(<positive_rating>) from a two-way
+log-softmax at each row's last token. Every jitted program's shapes come from `Buckets`, so a second call with
+the same buckets compiles nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from models import attention, decoder
+from o1jax import parallel
+from o1jax.sampling import statistics
+from o1jax.sampling.buckets import Buckets, pad_rows
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How tokens are drawn. temperature=0 or greedy=True takes the argmax (sampling log-prob 0).
+
+  top_k=0 and top_p=1 switch those filters off; they apply after the temperature.
+  """
+
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  greedy: bool = False
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"temperature={self.temperature} must be >= 0.")
+    if self.top_k < 0:
+      raise ValueError(f"top_k={self.top_k} must be >= 0 (0 switches it off).")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p={self.top_p} must be in (0, 1].")
+
+  @property
+  def is_greedy(self) -> bool:
+    return self.greedy or self.temperature == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefix:
+  """A cache and the next-token logits after each row's last token.
+
+  Attributes:
+    cache: KVCache with B' >= num_rows rows (padding rows, if any, come last and are never read).
+    logits: [B', V] float32.
+    num_rows: the real rows.
+  """
+
+  cache: attention.KVCache
+  logits: jax.Array
+  num_rows: int
+
+  @property
+  def free_slots(self) -> int:
+    return self.cache.num_slots - int(self.cache.end)
+
+
+@dataclasses.dataclass(frozen=True)
+class Samples:
+  """k continuations per prompt, row r = prompt r // k, sample r % k (padding rows already dropped).
+
+  Attributes:
+    tokens: [R, M] int32 sampled tokens, 0 after the end of each sample (the stop token itself included).
+    lengths: [R] int32 tokens generated, stop token included.
+    stopped: [R] bool, True when the sample ended on a stop token, False when it ran into the M budget.
+    sampling_log_probs: [R, M] float32 log-prob of each token under the distribution it was drawn from.
+    model_log_probs: [R, M] float32 log-prob under the unmodified model (PPO's behaviour log-prob).
+    entropy, varentropy: [R, M] float32 of the model distribution at each position.
+    step_log_prob, step_entropy, step_varentropy: [R] means over each sample's tokens (LLaMA-O1's step
+      statistics: length-normalised log-prob, normalised entropy, varentropy).
+    prefix: the cache after sampling (prompt + sample in every row) with the logits after each sample, so the
+      rating suffix can be scored on top without re-encoding.
+  """
+
+  tokens: np.ndarray
+  lengths: np.ndarray
+  stopped: np.ndarray
+  sampling_log_probs: np.ndarray
+  model_log_probs: np.ndarray
+  entropy: np.ndarray
+  varentropy: np.ndarray
+  step_log_prob: np.ndarray
+  step_entropy: np.ndarray
+  step_varentropy: np.ndarray
+  prefix: Prefix
+
+  def sequences(self) -> list[list[int]]:
+    return [list(map(int, row[:n])) for row, n in zip(self.tokens, self.lengths)]
+
+
+# --- jitted programs --------------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _extend(weights, cache: attention.KVCache, tokens: jax.Array, valid: jax.Array, *, config
+            ) -> tuple[jax.Array, attention.KVCache]:
+  """Appends [B, T] tokens; returns the logits after each row's last valid token (rows without any keep 0s)."""
+  positions = decoder.positions_from_mask(valid, cache.next_positions())
+  hidden, cache = decoder.forward(weights, tokens, positions, config=config, cache=cache)
+  last = jnp.maximum(jnp.sum(valid.astype(jnp.int32), axis=1) - 1, 0)
+  logits = decoder.head_logits(weights, hidden[jnp.arange(tokens.shape[0]), last], config=config)
+  return jnp.where(jnp.any(valid, axis=1)[:, None], logits, 0.0), cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_slots"))
+def _prefill(weights, tokens, valid, *, config, num_slots):
+  return decoder.prefill(weights, tokens, valid, config=config, num_slots=num_slots)
+
+
+def _filtered_log_probs(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, *, top_k: int,
+                        use_top_p: bool) -> jax.Array:
+  """[B, V] log-probs of the sampling distribution: temperature, then top-k, then top-p (nucleus)."""
+  x = logits / temperature
+  if top_k > 0:
+    kth = jax.lax.top_k(x, top_k)[0][:, -1:]
+    x = jnp.where(x < kth, -jnp.inf, x)
+  if use_top_p:
+    # Keep the smallest set of most likely tokens whose mass reaches top_p: a token stays if the mass strictly
+    # before it (in descending order) is below top_p, so the most likely token always stays.
+    sorted_x = jnp.sort(x, axis=-1)[:, ::-1]
+    sorted_p = jax.nn.softmax(sorted_x, axis=-1)
+    mass_before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
+    kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(sorted_x, kept - 1, axis=-1)
+    x = jnp.where(x < threshold, -jnp.inf, x)
+  return jax.nn.log_softmax(x, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new", "greedy", "top_k", "use_top_p"),
+                   donate_argnames=("cache",))
+def _decode(weights, cache: attention.KVCache, logits: jax.Array, stop_ids: jax.Array, live: jax.Array,
+            rng: jax.Array, temperature: jax.Array, top_p: jax.Array, *, config, max_new: int, greedy: bool,
+            top_k: int, use_top_p: bool) -> dict[str, Any]:
+  """Samples up to max_new tokens per row in one `lax.while_loop`.
+
+  Args:
+    cache: [B] rows, each ending where its sample starts; needs max_new free slots.
+    logits: [B, V] next-token logits at the end of each row.
+    stop_ids: [B, X] int32 stop tokens per row, -1 for none.
+    live: [B] bool, False for padding rows (they count as stopped from the start).
+    rng: PRNG key.
+
+  Returns:
+    A dict of the `Samples` arrays (tokens, lengths, ...), plus "cache" and "logits" after the samples.
+  """
+  B = logits.shape[0]
+  zeros = jnp.zeros((B, max_new), jnp.float32)
+  state = dict(step=jnp.zeros((), jnp.int32), cache=cache, logits=logits, rng=rng,
+               tokens=jnp.zeros((B, max_new), jnp.int32), sampling_log_probs=zeros, model_log_probs=zeros,
+               entropy=zeros, varentropy=zeros, lengths=jnp.zeros((B,), jnp.int32),
+               stopped=jnp.zeros((B,), bool), done=~live)
+
+  def cond(s):
+    return (s["step"] < max_new) & ~jnp.all(s["done"])
+
+  def body(s):
+    step, active = s["step"], ~s["done"]
+    model_lp = jax.nn.log_softmax(s["logits"], axis=-1)
+    entropy, varentropy = statistics.entropy_and_varentropy(model_lp)
+    rng, key = jax.random.split(s["rng"])
+    if greedy:
+      token = jnp.argmax(s["logits"], axis=-1).astype(jnp.int32)
+      sampling_lp = jnp.zeros((B,), jnp.float32)
+    else:
+      lp = _filtered_log_probs(s["logits"], temperature, top_p, top_k=top_k, use_top_p=use_top_p)
+      token = jax.random.categorical(key, lp, axis=-1).astype(jnp.int32)
+      sampling_lp = jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]
+    token = jnp.where(active, token, 0)
+    token_model_lp = jnp.take_along_axis(model_lp, token[:, None], axis=-1)[:, 0]
+
+    def write(buffer, value):
+      column = jnp.where(active, value, 0).astype(buffer.dtype)
+      return jax.lax.dynamic_update_slice(buffer, column[:, None], (0, step))
+
+    hit_stop = active & jnp.any(token[:, None] == stop_ids, axis=1)
+    # The sampled token (a stop token included) enters the cache; rows already done add an invisible slot.
+    positions = decoder.positions_from_mask(active[:, None], s["cache"].next_positions())
+    hidden, cache = decoder.forward(weights, token[:, None], positions, config=config, cache=s["cache"])
+    next_logits = decoder.head_logits(weights, hidden[:, 0], config=config)
+    return dict(step=step + 1, cache=cache, logits=jnp.where(active[:, None], next_logits, s["logits"]),
+                rng=rng, tokens=write(s["tokens"], token),
+                sampling_log_probs=write(s["sampling_log_probs"], sampling_lp),
+                model_log_probs=write(s["model_log_probs"], token_model_lp),
+                entropy=write(s["entropy"], entropy), varentropy=write(s["varentropy"], varentropy),
+                lengths=s["lengths"] + active.astype(jnp.int32), stopped=s["stopped"] | hit_stop,
+                done=s["done"] | hit_stop)
+
+  s = jax.lax.while_loop(cond, body, state)
+  # Every row's cache advances by the same max_new slots whether or not it ran that long, so that caches of a
+  # bucket keep one shape; the loop may end early, leaving empty slots that the next write skips past.
+  cache = dataclasses.replace(s["cache"], end=cache.end + max_new)
+  out = {k: s[k] for k in ("tokens", "sampling_log_probs", "model_log_probs", "entropy", "varentropy",
+                           "lengths", "stopped")}
+  out.update(step_log_prob=statistics.step_means(s["model_log_probs"], s["lengths"]),
+             step_entropy=statistics.step_means(s["entropy"], s["lengths"]),
+             step_varentropy=statistics.step_means(s["varentropy"], s["lengths"]),
+             cache=cache, logits=s["logits"])
+  return out
+
+
+def rating_values(logits: jax.Array, positive_id: int, negative_id: int) -> jax.Array:
+  """log p(positive) from a log-softmax over the two rating logits only (LLaMA-O1's value head).
+
+  Args:
+    logits: [B, V] float32 logits read after `...<end_of_thought><start_of_rating>`.
+
+  Returns:
+    [B] float32 values, <= 0.
+  """
+  pair = jnp.stack([logits[:, positive_id], logits[:, negative_id]], axis=-1).astype(jnp.float32)
+  return jax.nn.log_softmax(pair, axis=-1)[:, 0]
+
+
+# --- the host-side API ------------------------------------------------------------------------------------------
+
+class Sampler:
+  """Holds the weights (layers unstacked, replicated over the mesh) and runs the bucketed programs."""
+
+  def __init__(self, model: decoder.Decoder, vocab: Mapping[str, int] | None = None, mesh: Mesh | None = None,
+               buckets: Buckets = Buckets()):
+    self.config = model.config
+    self.vocab = dict(vocab or {})
+    self.mesh = mesh
+    rows = parallel.batch_size_multiple(mesh) if mesh is not None else 1
+    self.buckets = dataclasses.replace(buckets, rows=rows)
+    self.set_weights(model.weights())
+
+  def set_weights(self, weights: Mapping[str, Any]) -> None:
+    """Uses new weights (after a learner step); layers are unstacked once here, not per call."""
+    weights = decoder.unstack_layers(weights)
+    if self.mesh is not None:
+      weights = jax.device_put(weights, parallel.replicated(self.mesh))
+    self.weights = weights
+
+  def _put(self, tree):
+    return parallel.shard_batch(tree, self.mesh) if self.mesh is not None else jax.tree.map(jnp.asarray, tree)
+
+  def token_ids(self, stop: Sequence[str | int]) -> tuple[int, ...]:
+    """Stop tokens as ids; a string must be a single token of the vocabulary."""
+    ids = []
+    for s in stop:
+      if isinstance(s, (int, np.integer)):
+        if not 0 <= int(s) < self.config.vocab_size:
+          raise ValueError(f"stop token id {s} is outside the vocabulary [0, {self.config.vocab_size}).")
+        ids.append(int(s))
+      elif s in self.vocab:
+        ids.append(self.vocab[s])
+      else:
+        raise ValueError(f"stop string {s!r} is not a single token of this tokenizer.")
+    return tuple(ids)
+
+  def prefill(self, prompts: Sequence[Sequence[int]], reserve: int = 0) -> Prefix:
+    """Encodes prompts (token lists) once each into a cache with `reserve` free slots after the prompt bucket."""
+    if not prompts:
+      raise ValueError("prefill needs at least one prompt.")
+    for i, p in enumerate(prompts):
+      if len(p) == 0:
+        raise ValueError(f"prompt {i} is empty.")
+    length = self.buckets.prompt_bucket(max(len(p) for p in prompts))
+    rows = self.buckets.padded_rows(len(prompts))
+    tokens, valid = pad_rows([list(p) for p in prompts], length, rows)
+    valid[len(prompts):, 0] = True  # padding rows hold one dummy token so that every row has a last position
+    tokens, valid = self._put((tokens, valid))
+    logits, cache = _prefill(self.weights, tokens, valid, config=self.config, num_slots=length + reserve)
+    return Prefix(cache=cache, logits=logits, num_rows=len(prompts))
+
+  def fork(self, prefix: Prefix, rows: Sequence[int]) -> Prefix:
+    """Row i of the result continues row rows[i] of prefix."""
+    rows = np.asarray(rows, np.int32)
+    if rows.size == 0 or rows.min() < 0 or rows.max() >= prefix.num_rows:
+      raise ValueError(f"fork rows must be indices into the {prefix.num_rows} rows of the prefix; got {rows}.")
+    padded = np.zeros(self.buckets.padded_rows(len(rows)), np.int32)
+    padded[:len(rows)] = rows
+    index = self._put(padded)
+    return Prefix(cache=prefix.cache.fork(index), logits=jnp.take(prefix.logits, index, axis=0),
+                  num_rows=len(rows))
+
+  def extend(self, prefix: Prefix, continuations: Sequence[Sequence[int]], bucket: int | None = None) -> Prefix:
+    """Appends one token list per row (padded to a new-token bucket); the logits follow each row's last token."""
+    if len(continuations) != prefix.num_rows:
+      raise ValueError(f"extend got {len(continuations)} continuations for {prefix.num_rows} rows.")
+    length = bucket or self.buckets.new_token_bucket(max(1, max(len(c) for c in continuations)))
+    if length > prefix.free_slots:
+      raise ValueError(f"the prefix cache has {prefix.free_slots} free slots; a continuation bucket of {length} "
+                       "tokens does not fit (prefill with a larger reserve).")
+    tokens, valid = pad_rows([list(c) for c in continuations], length, prefix.cache.batch_size)
+    tokens, valid = self._put((tokens, valid))
+    logits, cache = _extend(self.weights, prefix.cache, tokens, valid, config=self.config)
+    # Rows with an empty continuation keep the logits they had.
+    logits = jnp.where(jnp.any(valid, axis=1)[:, None], logits, prefix.logits)
+    return Prefix(cache=cache, logits=logits, num_rows=prefix.num_rows)
+
+  def sample(self, prefix: Prefix, *, k: int, stop: Sequence[str | int] | Sequence[Sequence[str | int]],
+             max_new_tokens: int, params: SamplingParams = SamplingParams(), seed: int | jax.Array = 0) -> Samples:
+    """k samples per row of prefix (rows forked, never re-encoded), decoded together.
+
+    Args:
+      prefix: from `prefill`/`extend`, with at least the new-token bucket of max_new_tokens free slots.
+      k: samples per row (>= 1).
+      stop: stop tokens (strings or ids) for every row, or one such list per row of the prefix.
+      max_new_tokens: the budget; it is rounded up to a new-token bucket and samples that reach the bucket
+        without a stop token end there with stopped=False.
+      params: temperature / top-k / top-p / greedy.
+      seed: an int or a PRNG key.
+    """
+    if k < 1:
+      raise ValueError(f"k={k} must be at least 1.")
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1.")
+    max_new = self.buckets.new_token_bucket(max_new_tokens)
+    if max_new > prefix.free_slots:
+      raise ValueError(f"the prefix cache has {prefix.free_slots} free slots; sampling {max_new} tokens (bucket of "
+                       f"max_new_tokens={max_new_tokens}) needs that many: prefill with reserve >= {max_new}.")
+    per_row = (list(stop) and isinstance(stop[0], (list, tuple)))
+    stop_lists = [self.token_ids(s) for s in stop] if per_row else [self.token_ids(stop)] * prefix.num_rows
+    if len(stop_lists) != prefix.num_rows:
+      raise ValueError(f"got {len(stop_lists)} stop lists for {prefix.num_rows} rows.")
+    rows = np.repeat(np.arange(prefix.num_rows), k)
+    forked = self.fork(prefix, rows)
+    B = forked.cache.batch_size
+    width = max(1, max(len(s) for s in stop_lists))
+    stop_ids = np.full((B, width), -1, np.int32)
+    for i, r in enumerate(rows):
+      stop_ids[i, :len(stop_lists[r])] = stop_lists[r]
+    live = np.arange(B) < len(rows)
+    stop_ids, live = self._put((stop_ids, live))
+    rng = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
+    out = _decode(self.weights, forked.cache, forked.logits, stop_ids, live, rng,
+                  jnp.float32(max(params.temperature, 1e-6)), jnp.float32(params.top_p), config=self.config,
+                  max_new=max_new, greedy=params.is_greedy, top_k=params.top_k, use_top_p=params.top_p < 1)
+    n = len(rows)
+    host = {name: np.asarray(out[name])[:n] for name in (
+        "tokens", "lengths", "stopped", "sampling_log_probs", "model_log_probs", "entropy", "varentropy",
+        "step_log_prob", "step_entropy", "step_varentropy")}
+    return Samples(**host, prefix=Prefix(cache=out["cache"], logits=out["logits"], num_rows=n))
+
+  def score(self, prefix: Prefix, continuations: Sequence[Sequence[int]], positive_id: int,
+            negative_id: int) -> np.ndarray:
+    """Values log p(positive) after appending each row's continuation (ending in <start_of_rating>).
+
+    An empty continuation scores the prefix as it stands (its logits already follow the row's last token).
+    """
+    extended = self.extend(prefix, continuations) if any(len(c) for c in continuations) else prefix
+    return np.asarray(rating_values(extended.logits, positive_id, negative_id))[:prefix.num_rows]
+
+  def score_texts(self, texts: Sequence[Sequence[int]], positive_id: int, negative_id: int) -> np.ndarray:
+    """Values of whole token sequences (one prefill each, head only at the last token)."""
+    prefix = self.prefill(texts)
+    return np.asarray(rating_values(prefix.logits, positive_id, negative_id))[:len(texts)]

@@ -1,0 +1,43 @@
+"""Per-token statistics of a step, as LLaMA-O1 uses them to rank and select children.
+
+Legend: B batch, M new tokens, V vocab.
+
+For every sampled token we keep its log-probability under the model's own distribution (the logits before any
+temperature / top-k / top-p: PPO's behaviour log-prob needs the policy as trained) and under the distribution it
+was actually drawn from, and the entropy and varentropy of the model distribution at that position. A step's
+statistics are means over its tokens (LLaMA-O1's `length_normed_log_probs`, without its off-by-one shift).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def entropy_and_varentropy(log_probs: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Entropy H = -sum p log p and varentropy sum p (log p + H)^2, in nats.
+
+  Args:
+    log_probs: [..., V] float32 normalised log-probabilities.
+
+  Returns:
+    entropy, varentropy: [...] float32.
+  """
+  probs = jnp.exp(log_probs)
+  # 0 * log 0 is 0: masked-out tokens (log p = -inf) must not turn the sums into NaN.
+  safe = jnp.where(probs > 0, log_probs, 0.0)
+  entropy = -jnp.sum(probs * safe, axis=-1)
+  varentropy = jnp.sum(probs * jnp.square(safe + entropy[..., None]), axis=-1)
+  return entropy, varentropy
+
+
+def step_means(values: jax.Array, lengths: jax.Array) -> jax.Array:
+  """Mean of values[b, :lengths[b]] per row (0 for an empty step).
+
+  Args:
+    values: [B, M].
+    lengths: [B] int32.
+  """
+  mask = jnp.arange(values.shape[1])[None, :] < lengths[:, None]
+  total = jnp.sum(jnp.where(mask, values, 0.0), axis=1)
+  return jnp.where(lengths > 0, total / jnp.maximum(lengths, 1), 0.0)
