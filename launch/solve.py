@@ -13,7 +13,7 @@ from o1jax import xla_flags
 
 xla_flags.configure_cpu()
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, logging  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402

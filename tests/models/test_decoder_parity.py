@@ -9,77 +9,33 @@ and the Gemma configs use small softcaps so that tanh is far from linear.
 
 import numpy as np
 import pytest
-import torch
-import transformers
 
+import reference_models as ref
 from models import hf_io
 
 TOLERANCE = 1e-4
 SEQ_LEN = 24
-
-
-def log_softmax(x):
-  x = np.asarray(x, np.float64)
-  x = x - x.max(-1, keepdims=True)
-  return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def randomize(model: torch.nn.Module, seed: int) -> None:
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("norm.weight"):
-        p.copy_(0.3 * torch.randn(p.shape, generator=generator) + (0.0 if "gemma" in type(model).__name__.lower()
-                                                                      else 1.0))
-      else:
-        p.copy_(0.15 * torch.randn(p.shape, generator=generator))
-
-
-def llama_config(tied: bool):
-  return transformers.LlamaConfig(
-      vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=6,
-      num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5, max_position_embeddings=256,
-      tie_word_embeddings=tied,
-      rope_parameters={"rope_type": "llama3", "rope_theta": 50_000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
-      attn_implementation="eager")
-
-
-def gemma2_config(tied: bool):
-  return transformers.Gemma2Config(
-      vocab_size=103, hidden_size=48, intermediate_size=80, num_hidden_layers=4, num_attention_heads=4,
-      num_key_value_heads=2, head_dim=16, sliding_window=5, query_pre_attn_scalar=12, attn_logit_softcapping=2.0,
-      final_logit_softcapping=3.0, tie_word_embeddings=tied, max_position_embeddings=256,
-      attn_implementation="eager")
-
+log_softmax = ref.log_softmax
+reference_log_probs = ref.log_probs
 
 CASES = {
-    "llama_untied": (transformers.LlamaForCausalLM, llama_config, False),
-    "llama_tied": (transformers.LlamaForCausalLM, llama_config, True),
-    "gemma2_tied": (transformers.Gemma2ForCausalLM, gemma2_config, True),
-    "gemma2_untied": (transformers.Gemma2ForCausalLM, gemma2_config, False),
+    "llama_untied": ("llama", False),
+    "llama_tied": ("llama", True),
+    "gemma2_tied": ("gemma2", True),
+    "gemma2_untied": ("gemma2", False),
 }
 
 
 def build_reference(case: str, directory, seed: int = 0):
-  cls, make_config, tied = CASES[case]
-  torch.manual_seed(seed)
-  model = cls(make_config(tied)).eval()
-  randomize(model, seed)
-  model.save_pretrained(directory)
-  return model
-
-
-def reference_log_probs(model, tokens: np.ndarray) -> np.ndarray:
-  with torch.no_grad():
-    return log_softmax(model(torch.as_tensor(tokens)).logits.numpy())
+  family, tied = CASES[case]
+  return ref.build(family, directory, tied=tied, seed=seed)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_full_forward_matches_transformers(case, tmp_path):
   reference = build_reference(case, tmp_path)
   model = hf_io.load_pretrained(str(tmp_path), dtype="float32")
-  assert model.config.tie_embeddings == CASES[case][2]
+  assert model.config.tie_embeddings == CASES[case][1]
   tokens = np.random.default_rng(1).integers(0, reference.config.vocab_size, (2, SEQ_LEN)).astype(np.int32)
   ours = log_softmax(model(tokens))
   theirs = reference_log_probs(reference, tokens)

@@ -1,0 +1,117 @@
+"""Sampling throughput: o1jax vs transformers `generate` on the same SmolLM2-135M weights, in one process.
+
+  .venv/bin/python bench/sampler.py [--quick]
+
+128-token prompts, 64 sampled tokens per row (no stop tokens; temperature 1, no top-k / top-p), float32, CPU, at
+batch 1, 16 and 64. Times include the prefill on both sides. The compute roof is this machine's jitted fp32
+matmul rate at SmolLM2's layer shapes divided by 2 x parameters (FLOPs per token); each figure is also printed
+as a fraction of it. Last line: {"bench": "sampler", "ratio_vs_hf_b16": ..., "roof_fraction_b64": ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from o1jax import xla_flags  # noqa: E402
+
+xla_flags.configure_cpu()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from models import hf_io  # noqa: E402
+from o1jax import pretrained  # noqa: E402
+from o1jax.sampling.buckets import Buckets  # noqa: E402
+from o1jax.sampling.sampler import Sampler, SamplingParams  # noqa: E402
+
+PROMPT_LEN, NEW_TOKENS = 128, 64
+
+
+def matmul_flops_per_s(rows: int, repeats: int = 10) -> float:
+  """Best jitted fp32 matmul rate over SmolLM2's three layer shapes at `rows` rows."""
+  best = 0.0
+  for k, n in [(576, 1536), (1536, 576), (576, 960)]:
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((rows, k)), jnp.float32)
+    b = jnp.asarray(np.random.default_rng(1).standard_normal((k, n)), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+      f(a, b).block_until_ready()
+    best = max(best, 2 * rows * k * n * repeats / (time.perf_counter() - start))
+  return best
+
+
+def best_time(fn, repeats: int) -> float:
+  fn()  # warm-up (compiles)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="one timed run per side and batch size")
+  parser.add_argument("--batches", default="1,16,64")
+  args = parser.parse_args()
+  repeats = 1 if args.quick else 3
+  batches = [int(b) for b in args.batches.split(",")]
+
+  import torch
+  import transformers
+
+  model = hf_io.load_pretrained(pretrained.resolve("smollm2-135m-instruct"), dtype="float32")
+  with tempfile.TemporaryDirectory() as export_dir:
+    hf_io.save_pretrained(model, export_dir)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
+  reference.generation_config.eos_token_id = None
+  reference.generation_config.pad_token_id = 0
+
+  sampler = Sampler(model, buckets=Buckets(prompt=(PROMPT_LEN,), new_tokens=(NEW_TOKENS,)))
+  params = SamplingParams(temperature=1.0)
+  params_count = model.config.num_params()
+  rows = []
+  for batch in batches:
+    prompts = np.random.default_rng(batch).integers(100, model.config.vocab_size, (batch, PROMPT_LEN))
+
+    def ours():
+      samples = sampler.sample(sampler.prefill(prompts.tolist(), reserve=NEW_TOKENS), k=1, stop=[],
+                               max_new_tokens=NEW_TOKENS, params=params, seed=0)
+      assert samples.lengths.min() == NEW_TOKENS
+
+    def theirs():
+      with torch.inference_mode():
+        out = reference.generate(torch.as_tensor(prompts), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                 do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+      assert out.shape[1] == PROMPT_LEN + NEW_TOKENS
+
+    ours_s, theirs_s = best_time(ours, repeats), best_time(theirs, repeats)
+    roof = matmul_flops_per_s(batch) / (2 * params_count)
+    rows.append(dict(batch=batch, o1jax=batch * NEW_TOKENS / ours_s, hf=batch * NEW_TOKENS / theirs_s, roof=roof))
+
+  print(f"{'batch':>6s}{'o1jax tok/s':>14s}{'hf tok/s':>12s}{'ratio':>8s}{'roof tok/s':>12s}{'o1jax/roof':>12s}"
+        f"{'hf/roof':>10s}")
+  result = {"bench": "sampler", "model": "SmolLM2-135M fp32", "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS}
+  for r in rows:
+    print(f"{r['batch']:6d}{r['o1jax']:14.1f}{r['hf']:12.1f}{r['o1jax'] / r['hf']:8.2f}{r['roof']:12.1f}"
+          f"{r['o1jax'] / r['roof']:12.2f}{r['hf'] / r['roof']:10.2f}")
+    b = r["batch"]
+    result.update({f"o1jax_tok_s_b{b}": round(r["o1jax"], 1), f"hf_tok_s_b{b}": round(r["hf"], 1),
+                   f"ratio_vs_hf_b{b}": round(r["o1jax"] / r["hf"], 3), f"roof_tok_s_b{b}": round(r["roof"], 1),
+                   f"roof_fraction_b{b}": round(r["o1jax"] / r["roof"], 3)})
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()
