@@ -1,6 +1,6 @@
 """Solve problems with a model and write the answers: `python -m launch.solve --config=configs/smollm2_gsm8k.py`.
 
-For now this is batched greedy decoding with the KV cache; the tree search replaces it as the search lands.
+For now this is batched greedy decoding with the jitted sampler; the tree search replaces it as the search lands.
 Answers go to {output_dir}/answers.jsonl, one JSON object per problem; a rerun skips problems already there.
 """
 
@@ -14,15 +14,14 @@ from o1jax import xla_flags
 xla_flags.configure_cpu()
 
 from absl import app, logging  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
-import numpy as np  # noqa: E402
 import tokenizers  # noqa: E402
-import tqdm  # noqa: E402
 
-from models import decoder, hf_io  # noqa: E402
+from models import hf_io  # noqa: E402
 from o1jax import grading, pretrained  # noqa: E402
 from o1jax.data import problems as problems_lib  # noqa: E402
+from o1jax.sampling.buckets import Buckets  # noqa: E402
+from o1jax.sampling.sampler import Sampler, SamplingParams  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_gsm8k.py", "Experiment config file.")
 
@@ -30,29 +29,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_gsm8k.py", 
 def chat_prompt(system: str, question: str) -> str:
   return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
           "<|im_start|>assistant\n")
-
-
-def greedy_generate(model: decoder.Decoder, prompts: list[list[int]], max_new_tokens: int,
-                    stop_ids: tuple[int, ...]) -> list[list[int]]:
-  """Greedy continuations of right-padded prompts, decoded together; each stops at its first stop token."""
-  batch, longest = len(prompts), max(len(p) for p in prompts)
-  tokens = np.zeros((batch, longest), np.int32)
-  valid = np.zeros((batch, longest), bool)
-  for i, p in enumerate(prompts):
-    tokens[i, :len(p)], valid[i, :len(p)] = p, True
-  logits, cache = decoder.prefill(model.weights(), jnp.asarray(tokens), jnp.asarray(valid), config=model.config,
-                                  num_slots=longest + max_new_tokens)
-  outputs: list[list[int]] = [[] for _ in prompts]
-  done = np.zeros(batch, bool)
-  for _ in tqdm.trange(max_new_tokens, desc="decode", unit="tok"):
-    next_tokens = np.asarray(jnp.argmax(logits.reshape(batch, -1), axis=-1))
-    for i in np.flatnonzero(~done):
-      outputs[i].append(int(next_tokens[i]))
-      done[i] = next_tokens[i] in stop_ids
-    if done.all():
-      break
-    logits, cache = model.extend(cache, next_tokens[:, None].astype(np.int32))
-  return outputs
 
 
 def main(argv):
@@ -76,7 +52,12 @@ def main(argv):
   tokenizer = tokenizers.Tokenizer.from_str(model.tokenizer_files["tokenizer.json"])
   stop_ids = tuple(model.config.eos_token_ids) or (tokenizer.token_to_id("<|im_end|>"),)
   prompts = [tokenizer.encode(chat_prompt(config.generate.system_prompt, p.question)).ids for p in todo]
-  outputs = greedy_generate(model, prompts, config.generate.max_new_tokens, stop_ids)
+  sampler = Sampler(model, vocab=tokenizer.get_vocab(), buckets=Buckets())
+  budget = sampler.buckets.new_token_bucket(config.generate.max_new_tokens)
+  logging.info("decoding %d problems, up to %d new tokens each", len(todo), budget)
+  samples = sampler.sample(sampler.prefill(prompts, reserve=budget), k=1, stop=stop_ids,
+                           max_new_tokens=config.generate.max_new_tokens, params=SamplingParams(greedy=True))
+  outputs = samples.sequences()
 
   correct = 0
   with open(out_path, "a") as f:
