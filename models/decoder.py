@@ -111,18 +111,30 @@ def positions_from_mask(valid: jax.Array, start: jax.Array | int = 0) -> jax.Arr
   return jnp.where(valid > 0, start + jnp.cumsum(valid, axis=1) - 1, -1)
 
 
-def unstack_layers(weights: Weights) -> dict[str, Any]:
-  """The same weights with "layers" as a tuple of L per-layer dicts instead of stacked [L, ...] arrays.
+def fuse_projections(layer: Weights) -> dict[str, Any]:
+  """One layer's (or stacked layers') weights with q/k/v fused into "qkv" [..., D, N + 2K, H] and gate/up into
+  "gate_up" [..., D, 2F]: the layout `_block` multiplies with (one dot each instead of three and two)."""
+  if "qkv" in layer:
+    return dict(layer)
+  fused = {name: a for name, a in layer.items() if name not in ("q", "k", "v", "gate", "up")}
+  fused["qkv"] = jnp.concatenate([layer["q"], layer["k"], layer["v"]], axis=-2)
+  fused["gate_up"] = jnp.concatenate([layer["gate"], layer["up"]], axis=-1)
+  return fused
 
-  The cached (sampling) path runs layers in a Python loop; given stacked weights it would slice layer l out of
-  every stacked array on every call, which XLA materialises as a copy of all weights per decode step. Unstack
-  once (per weight update) and pass the result to `forward` with a cache.
+
+def unstack_layers(weights: Weights) -> dict[str, Any]:
+  """The weights for the cached (sampling) path: "layers" as a tuple of L per-layer dicts with fused projections.
+
+  That path runs layers in a Python loop. Given stacked weights it would slice layer l out of every stacked array
+  on every call, and XLA materialises slices and concatenations as copies of all weights per decode step.
+  Unstack once per weight update and pass the result to `forward` with a cache.
   """
   layers = weights["layers"]
   if isinstance(layers, (tuple, list)):
-    return dict(weights)
+    return {**weights, "layers": tuple(fuse_projections(layer) for layer in layers)}
   num_layers = next(iter(layers.values())).shape[0]
-  return {**weights, "layers": tuple({name: a[l] for name, a in layers.items()} for l in range(num_layers))}
+  per_layer = ({name: a[l] for name, a in layers.items()} for l in range(num_layers))
+  return {**weights, "layers": tuple(fuse_projections(layer) for layer in per_layer)}
 
 
 def _block(x: jax.Array, w: Weights, *, config: DecoderConfig, cos: jax.Array, sin: jax.Array, mask: jax.Array,
@@ -149,10 +161,10 @@ def _block(x: jax.Array, w: Weights, *, config: DecoderConfig, cos: jax.Array, s
     return L.rms_norm(h, scale, eps=c.rms_norm_eps, plus_one=c.is_gemma)
 
   # Matrices run in the activation dtype; norm scales keep theirs (Gemma adds 1 in float32).
-  w = {name: (a if _is_norm(name) else a.astype(dtype)) for name, a in w.items()}
+  w = {name: (a if _is_norm(name) else a.astype(dtype)) for name, a in fuse_projections(w).items()}
   h = norm(x, w["attn_norm"])
   # One matmul for queries, keys and values: XLA:CPU runs a [D, (N + 2K) * H] product faster than three.
-  qkv = jnp.einsum("BTD,DNH->BTNH", h, jnp.concatenate([w["q"], w["k"], w["v"]], axis=1))
+  qkv = jnp.einsum("BTD,DNH->BTNH", h, w["qkv"])
   q, k, v = jnp.split(qkv, [c.num_heads, c.num_heads + c.num_kv_heads], axis=2)
   q = rope.apply_rope(q, cos, sin)
   k = rope.apply_rope(k, cos, sin).transpose(0, 2, 1, 3)  # [B, K, T, H]
@@ -161,11 +173,14 @@ def _block(x: jax.Array, w: Weights, *, config: DecoderConfig, cos: jax.Array, s
     k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, 0, end, 0))
     v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, 0, end, 0))
   a = attention.attend(q, k, v, mask, scale=c.query_scale, softcap=c.attn_logit_softcap)
-  a = jnp.einsum("BTNH,NHD->BTD", a, w["o"])
+  # Contract heads as one [N * H] axis: a free reshape of both operands, where the two-axis contraction made
+  # XLA:CPU copy the [N, H, D] weight into another layout on every call.
+  B, T = a.shape[:2]
+  a = jnp.einsum("BTF,FD->BTD", a.reshape(B, T, -1), w["o"].reshape(-1, w["o"].shape[-1]))
   if c.is_gemma:
     a = norm(a, w["post_attn_norm"])
   x = x + a
-  m = L.gated_mlp(norm(x, w["ffw_norm"]), w["gate"], w["up"], w["down"], gelu=c.is_gemma)
+  m = L.gated_mlp(norm(x, w["ffw_norm"]), w["gate_up"], w["down"], gelu=c.is_gemma)
   if c.is_gemma:
     m = norm(m, w["post_ffw_norm"])
   return x + m, (k, v)

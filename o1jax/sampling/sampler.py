@@ -147,11 +147,22 @@ def _filtered_log_probs(logits: jax.Array, temperature: jax.Array, top_p: jax.Ar
   return jax.nn.log_softmax(x, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new", "greedy", "top_k", "use_top_p"),
+def _argmax(x: jax.Array) -> jax.Array:
+  """argmax over the last axis (first maximum), as two plain reductions.
+
+  jnp.argmax lowers to a variadic (value, index) reduce that XLA:CPU does not vectorise: over a 49k vocabulary
+  it cost more per decode step than the whole vocabulary head.
+  """
+  top = jnp.max(x, axis=-1, keepdims=True)
+  index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+  return jnp.min(jnp.where(x == top, index, x.shape[-1]), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new", "greedy", "plain", "top_k", "use_top_p"),
                    donate_argnames=("cache",))
 def _decode(weights, cache: attention.KVCache, logits: jax.Array, stop_ids: jax.Array, live: jax.Array,
             rng: jax.Array, temperature: jax.Array, top_p: jax.Array, *, config, max_new: int, greedy: bool,
-            top_k: int, use_top_p: bool) -> dict[str, Any]:
+            plain: bool, top_k: int, use_top_p: bool) -> dict[str, Any]:
   """Samples up to max_new tokens per row in one `lax.while_loop`.
 
   Args:
@@ -160,6 +171,8 @@ def _decode(weights, cache: attention.KVCache, logits: jax.Array, stop_ids: jax.
     stop_ids: [B, X] int32 stop tokens per row, -1 for none.
     live: [B] bool, False for padding rows (they count as stopped from the start).
     rng: PRNG key.
+    greedy: argmax; plain: sample from the model distribution itself (temperature 1, no filters), which saves
+      a second softmax over the vocabulary per step. Otherwise temperature / top_k / top_p filter it.
 
   Returns:
     A dict of the `Samples` arrays (tokens, lengths, ...), plus "cache" and "logits" after the samples.
@@ -177,14 +190,16 @@ def _decode(weights, cache: attention.KVCache, logits: jax.Array, stop_ids: jax.
   def body(s):
     step, active = s["step"], ~s["done"]
     model_lp = jax.nn.log_softmax(s["logits"], axis=-1)
-    entropy, varentropy = statistics.entropy_and_varentropy(model_lp)
+    entropy, varentropy = statistics.entropy_and_varentropy(model_lp, jnp.exp(model_lp))
     rng, key = jax.random.split(s["rng"])
     if greedy:
-      token = jnp.argmax(s["logits"], axis=-1).astype(jnp.int32)
+      token = _argmax(s["logits"])
       sampling_lp = jnp.zeros((B,), jnp.float32)
     else:
-      lp = _filtered_log_probs(s["logits"], temperature, top_p, top_k=top_k, use_top_p=use_top_p)
-      token = jax.random.categorical(key, lp, axis=-1).astype(jnp.int32)
+      lp = model_lp if plain else _filtered_log_probs(s["logits"], temperature, top_p, top_k=top_k,
+                                                      use_top_p=use_top_p)
+      # Gumbel-max: argmax(log p + Gumbel noise) is a draw from p.
+      token = _argmax(lp + jax.random.gumbel(key, lp.shape, jnp.float32))
       sampling_lp = jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]
     token = jnp.where(active, token, 0)
     token_model_lp = jnp.take_along_axis(model_lp, token[:, None], axis=-1)[:, 0]
@@ -348,7 +363,8 @@ class Sampler:
     rng = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
     out = _decode(self.weights, forked.cache, forked.logits, stop_ids, live, rng,
                   jnp.float32(max(params.temperature, 1e-6)), jnp.float32(params.top_p), config=self.config,
-                  max_new=max_new, greedy=params.is_greedy, top_k=params.top_k, use_top_p=params.top_p < 1)
+                  max_new=max_new, greedy=params.is_greedy, top_k=params.top_k, use_top_p=params.top_p < 1,
+                  plain=params.temperature == 1 and params.top_k == 0 and params.top_p == 1)
     n = len(rows)
     host = {name: np.asarray(out[name])[:n] for name in (
         "tokens", "lengths", "stopped", "sampling_log_probs", "model_log_probs", "entropy", "varentropy",

@@ -14,16 +14,17 @@ import jax
 import jax.numpy as jnp
 
 
-def entropy_and_varentropy(log_probs: jax.Array) -> tuple[jax.Array, jax.Array]:
+def entropy_and_varentropy(log_probs: jax.Array, probs: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Entropy H = -sum p log p and varentropy sum p (log p + H)^2, in nats.
 
   Args:
     log_probs: [..., V] float32 normalised log-probabilities.
+    probs: exp(log_probs), when the caller has it already.
 
   Returns:
     entropy, varentropy: [...] float32.
   """
-  probs = jnp.exp(log_probs)
+  probs = jnp.exp(log_probs) if probs is None else probs
   # 0 * log 0 is 0: masked-out tokens (log p = -inf) must not turn the sums into NaN.
   safe = jnp.where(probs > 0, log_probs, 0.0)
   entropy = -jnp.sum(probs * safe, axis=-1)
