@@ -77,7 +77,9 @@ def main() -> None:
   tokens_jax = jax.device_put(tokens)
   tokens_torch = torch.as_tensor(tokens, dtype=torch.long)
 
-  weights = model.weights()
+  # The sampler's prefill path: layers unstacked and projections fused once per weight update (see
+  # decoder.unstack_layers), outside the timed region like a sampler's set_weights.
+  weights = jax.block_until_ready(decoder.unstack_layers(model.weights()))
   valid = jax.device_put(np.ones(tokens.shape, bool))
 
   def ours_all_logits():
