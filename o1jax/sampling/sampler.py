@@ -123,11 +123,6 @@ def _extend(weights, cache: attention.KVCache, tokens: jax.Array, valid: jax.Arr
   return jnp.where(jnp.any(valid, axis=1)[:, None], logits, 0.0), cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "num_slots"))
-def _prefill(weights, tokens, valid, *, config, num_slots):
-  return decoder.prefill(weights, tokens, valid, config=config, num_slots=num_slots)
-
-
 def _filtered_log_probs(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, *, top_k: int,
                         use_top_p: bool) -> jax.Array:
   """[B, V] log-probs of the sampling distribution: temperature, then top-k, then top-p (nucleus)."""
@@ -297,7 +292,7 @@ class Sampler:
     tokens, valid = pad_rows([list(p) for p in prompts], length, rows)
     valid[len(prompts):, 0] = True  # padding rows hold one dummy token so that every row has a last position
     tokens, valid = self._put((tokens, valid))
-    logits, cache = _prefill(self.weights, tokens, valid, config=self.config, num_slots=length + reserve)
+    logits, cache = decoder.prefill(self.weights, tokens, valid, config=self.config, num_slots=length + reserve)
     return Prefix(cache=cache, logits=logits, num_rows=len(prompts))
 
   def fork(self, prefix: Prefix, rows: Sequence[int]) -> Prefix:
