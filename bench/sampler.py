@@ -6,6 +6,17 @@
 batch 1, 16 and 64. Times include the prefill on both sides. The compute roof is this machine's jitted fp32
 matmul rate at SmolLM2's layer shapes divided by 2 x parameters (FLOPs per token); each figure is also printed
 as a fraction of it. Last line: {"bench": "sampler", "ratio_vs_hf_b16": ..., "roof_fraction_b64": ...}.
+
+It also measures two floors that no fp32 implementation on this machine can beat, and from them the best
+throughput any sampler could reach here:
+  - weight_stream_ms: one pass of `rows` activations through every weight matrix of the model (the fused q/k/v,
+    output, gate/up and down projections of every layer, then the vocabulary head) with nothing else: no
+    attention, no norms, no sampling. A decode step must do at least this; at small batches it is bound by how
+    fast this machine streams the fp32 weights from memory.
+  - prefill_s: o1jax's own prefill of the batch (the same call the timed run makes).
+  bound_tok_s = batch x new tokens / (prefill_s + new tokens x weight_stream_ms), and bound_ratio_vs_hf is that
+  bound over transformers' measured figure: the ratio a sampler with zero overhead beyond the weight stream would
+  reach, given our prefill.
 """
 
 from __future__ import annotations
@@ -48,6 +59,32 @@ def matmul_flops_per_s(rows: int, repeats: int = 10) -> float:
       f(a, b).block_until_ready()
     best = max(best, 2 * rows * k * n * repeats / (time.perf_counter() - start))
   return best
+
+
+def weight_stream_seconds(weights, rows: int, repeats: int = 5) -> float:
+  """Best time of x @ W over every projection of every layer, then the head, for x of [rows, D] (see module doc)."""
+  def one_pass(x, weights):
+    d = x.shape[-1]
+    for layer in weights["layers"]:
+      qkv = layer["qkv"].reshape(d, -1)
+      h = x @ qkv
+      o = layer["o"].reshape(-1, d)
+      x = x + h[:, :o.shape[0]] @ o
+      g = x @ layer["gate_up"]
+      f = layer["down"].shape[0]
+      x = x + (g[:, :f] * g[:, f:]) @ layer["down"]
+    head = weights["head"] if "head" in weights else weights["embed"].T
+    return x @ head
+
+  run = jax.jit(one_pass)
+  x = jnp.ones((rows, weights["embed"].shape[1]), jnp.float32) * 1e-3
+  run(x, weights).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run(x, weights).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return min(times)
 
 
 def best_time(fn, repeats: int) -> float:
@@ -98,7 +135,13 @@ def main() -> None:
 
     ours_s, theirs_s = best_time(ours, repeats), best_time(theirs, repeats)
     roof = matmul_flops_per_s(batch) / (2 * params_count)
-    rows.append(dict(batch=batch, o1jax=batch * NEW_TOKENS / ours_s, hf=batch * NEW_TOKENS / theirs_s, roof=roof))
+    prefill_s = best_time(lambda: jax.block_until_ready(sampler.prefill(prompts.tolist(), reserve=NEW_TOKENS).logits),
+                          repeats + 1)
+    stream_s = weight_stream_seconds(sampler.weights, batch)
+    bound = batch * NEW_TOKENS / (prefill_s + NEW_TOKENS * stream_s)
+    rows.append(dict(batch=batch, o1jax=batch * NEW_TOKENS / ours_s, hf=batch * NEW_TOKENS / theirs_s, roof=roof,
+                     prefill_s=prefill_s, stream_ms=stream_s * 1e3, bound=bound,
+                     step_ms=(ours_s - prefill_s) / NEW_TOKENS * 1e3))
 
   print(f"{'batch':>6s}{'o1jax tok/s':>14s}{'hf tok/s':>12s}{'ratio':>8s}{'roof tok/s':>12s}{'o1jax/roof':>12s}"
         f"{'hf/roof':>10s}")
@@ -110,6 +153,16 @@ def main() -> None:
     result.update({f"o1jax_tok_s_b{b}": round(r["o1jax"], 1), f"hf_tok_s_b{b}": round(r["hf"], 1),
                    f"ratio_vs_hf_b{b}": round(r["o1jax"] / r["hf"], 3), f"roof_tok_s_b{b}": round(r["roof"], 1),
                    f"roof_fraction_b{b}": round(r["o1jax"] / r["roof"], 3)})
+  print(f"\n{'batch':>6s}{'prefill s':>11s}{'decode step ms':>16s}{'weight stream ms':>18s}{'bound tok/s':>13s}"
+        f"{'bound / hf':>12s}{'bound / roof':>14s}")
+  for r in rows:
+    print(f"{r['batch']:6d}{r['prefill_s']:11.2f}{r['step_ms']:16.1f}{r['stream_ms']:18.1f}{r['bound']:13.1f}"
+          f"{r['bound'] / r['hf']:12.2f}{r['bound'] / r['roof']:14.2f}")
+    b = r["batch"]
+    result.update({f"prefill_s_b{b}": round(r["prefill_s"], 2), f"decode_step_ms_b{b}": round(r["step_ms"], 1),
+                   f"weight_stream_ms_b{b}": round(r["stream_ms"], 1), f"bound_tok_s_b{b}": round(r["bound"], 1),
+                   f"bound_ratio_vs_hf_b{b}": round(r["bound"] / r["hf"], 3),
+                   f"bound_roof_fraction_b{b}": round(r["bound"] / r["roof"], 3)})
   print(json.dumps(result))
 
 
