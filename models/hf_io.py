@@ -29,6 +29,8 @@ from models.config import ConfigError, DecoderConfig
 # Files of a Hugging Face tokenizer that travel with a checkpoint.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json")
+# Tokenizer files read as bytes (the others are text); `Decoder.tokenizer_files` holds them as bytes.
+BINARY_TOKENIZER_FILES = ("tokenizer.model",)
 
 
 class CheckpointError(ValueError):
@@ -199,23 +201,24 @@ def load_pretrained(path: str, *, dtype: str | None = None, param_dtype: str | N
   model = decoder_lib.Decoder(config, weights=weights)
   for name in TOKENIZER_FILES:
     file = os.path.join(path, name)
-    if os.path.isfile(file) and name != "tokenizer.model":
-      with open(file) as f:
+    if os.path.isfile(file):
+      # tokenizer.model is a sentencepiece protobuf: bytes, not text.
+      with open(file, "rb" if name in BINARY_TOKENIZER_FILES else "r") as f:
         model.tokenizer_files[name] = f.read()
   return model
 
 
 def save_pretrained(model: decoder_lib.Decoder, out_dir: str) -> None:
-  """Writes model.safetensors + config.json (+ tokenizer files when the model has them) to out_dir."""
+  """Writes model.safetensors + config.json (+ tokenizer files when the model has them: text, or bytes) to out_dir."""
   os.makedirs(out_dir, exist_ok=True)
   tensors = weights_to_hf(model.weights(), model.config)
   safetensors.flax.save_file({k: jnp.asarray(v) for k, v in tensors.items()},
                              os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(model.config.to_hf(), f, indent=2)
-  for name, text in model.tokenizer_files.items():
-    with open(os.path.join(out_dir, name), "w") as f:
-      f.write(text)
+  for name, content in model.tokenizer_files.items():
+    with open(os.path.join(out_dir, name), "wb" if isinstance(content, bytes) else "w") as f:
+      f.write(content)
 
 
 __all__ = ["load_pretrained", "save_pretrained", "CheckpointError", "ConfigError"]
