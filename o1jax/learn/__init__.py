@@ -1,0 +1,1 @@
+"""The learner: LoRA adapters, replay, advantages, losses and the sharded train step."""
