@@ -77,6 +77,9 @@ class Checkpointer:
       raise ValueError(f"keep must be at least 1 checkpoint; got {keep}.")
     self.directory = str(directory)
     if "://" not in self.directory:  # Local paths only: a bucket has no files posing as directories.
+      # orbax's array writer (tensorstore OCDBT) rejects relative paths, and only when the first save runs in
+      # the background: make the path absolute here.
+      self.directory = os.path.abspath(self.directory)
       if os.path.exists(self.directory) and not os.path.isdir(self.directory):
         raise ValueError(f"checkpoint directory {self.directory!r} is an existing file; expected a directory.")
       if read_only and not os.path.isdir(self.directory):

@@ -164,3 +164,17 @@ def test_errors(tmp_path):
     checkpoint.Checkpointer(tmp_path / "missing", read_only=True)
   with pytest.raises(ValueError, match="keep must be at least 1"):
     checkpoint.Checkpointer(tmp_path / "k", keep=0)
+
+
+def test_relative_directory(tmp_path, monkeypatch):
+  """A relative directory works: orbax's background array writer needs absolute paths and used to fail only at
+  the first save's finalize."""
+  monkeypatch.chdir(tmp_path)
+  state = {"w": jnp.arange(6.0).reshape(2, 3)}
+  with checkpoint.Checkpointer("runs/ckpt", keep=2) as ckpt:
+    ckpt.save(1, state, data_state={"next_index": 3})
+    ckpt.wait()
+    restored, data_state, _ = ckpt.restore(target=state)
+  assert os.path.isdir(tmp_path / "runs" / "ckpt" / "1")
+  np.testing.assert_array_equal(restored["w"], state["w"])
+  assert data_state == {"next_index": 3}
