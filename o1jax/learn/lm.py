@@ -1,0 +1,178 @@
+"""Next-token training of the decoder: what is trainable, the loss, and one jitted, sharded train step.
+
+Legend: B rows, T time, V vocab (base + new tokens), D model dim, R new token rows.
+
+Two ways to train, picked by `LoraConfig` (None = full):
+  - full: every weight is trainable; the trainable tree is the decoder's weights dict.
+  - LoRA: the base weights are frozen; the trainable tree is {"adapter": LoRA matrices, "new_rows": [R, D]} plus
+    "new_head": [D, R] for an untied head. The rows of the tokens added to the vocabulary (the LLaMA-O1 special
+    tokens) must learn too, or every special token would stay at the mean embedding; they are the only
+    non-LoRA parameters that train, and they travel with the adapter.
+
+In LoRA mode the vocabulary head is computed as two products, frozen base rows and trainable new rows, and the
+logits concatenated. Slicing the new rows' gradient out of a gradient for the whole [V, D] table would cost a
+second vocabulary-sized matmul per step for R = 17 rows.
+
+Batches come from `o1jax.data.pipeline.text_dataset`: {"tokens": int32 [B, T], "valid": bool [B, T],
+"loss_mask": bool [B, T]}; loss_mask[b, t] says that tokens[b, t + 1] is a target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from models import decoder, layers
+from models.config import DecoderConfig
+from o1jax import parallel
+from o1jax.learn import lora
+
+Tree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """How to build decoder weights from (frozen, trainable) trees.
+
+  Attributes:
+    config: the decoder config (vocab_size includes the new rows).
+    base_vocab: rows of the embedding that stay frozen in LoRA mode (the tokenizer's vocabulary before the
+      special tokens were added); the rows after it are the new rows.
+    lora: the LoRA config, or None to train every weight.
+  """
+
+  config: DecoderConfig
+  base_vocab: int
+  lora: lora.LoraConfig | None
+
+  def split(self, weights: Tree, key: jax.Array) -> tuple[Tree, Tree]:
+    """Full decoder weights -> (frozen, trainable). LoRA mode initialises a fresh adapter from `key`."""
+    if self.lora is None:
+      return {}, weights
+    frozen = dict(weights)
+    frozen["embed"] = weights["embed"][:self.base_vocab]
+    trainable = {"adapter": lora.init(weights, self.lora, key), "new_rows": weights["embed"][self.base_vocab:]}
+    if "head" in weights:
+      frozen["head"] = weights["head"][:, :self.base_vocab]
+      trainable["new_head"] = weights["head"][:, self.base_vocab:]
+    return frozen, trainable
+
+  def _body_weights(self, frozen: Tree, trainable: Tree) -> dict:
+    """LoRA merged and the new rows appended to the embedding table (the head is handled by the callers)."""
+    weights = dict(lora.merge(frozen, trainable["adapter"], self.lora))
+    weights["embed"] = jnp.concatenate([frozen["embed"], trainable["new_rows"].astype(frozen["embed"].dtype)])
+    return weights
+
+  def merged(self, frozen: Tree, trainable: Tree) -> Tree:
+    """The decoder weights the two trees stand for (LoRA merged, new rows appended): what inference uses."""
+    if self.lora is None:
+      return trainable
+    weights = self._body_weights(frozen, trainable)
+    if "new_head" in trainable:
+      weights["head"] = jnp.concatenate([frozen["head"], trainable["new_head"].astype(frozen["head"].dtype)], 1)
+    return weights
+
+  def logits(self, frozen: Tree, trainable: Tree, tokens: jax.Array, valid: jax.Array) -> jax.Array:
+    """[B, T] tokens (right-padded; `valid` marks real ones) -> [B, T, V] float32 logits."""
+    c = self.config
+    positions = decoder.positions_from_mask(valid)
+    if self.lora is None:
+      hidden, _ = decoder.forward(trainable, tokens, positions, config=c)
+      return decoder.head_logits(trainable, hidden, config=c)
+    hidden, _ = decoder.forward(self._body_weights(frozen, trainable), tokens, positions, config=c)
+    if "new_head" in trainable:
+      (base, base_transposed), (new, new_transposed) = (frozen["head"], False), (trainable["new_head"], False)
+    else:
+      (base, base_transposed), (new, new_transposed) = (frozen["embed"], True), (trainable["new_rows"], True)
+    softcap = c.final_logit_softcap
+    return jnp.concatenate([
+        layers.unembed(hidden, jax.lax.stop_gradient(base), transposed=base_transposed, final_softcap=softcap),
+        layers.unembed(hidden, new, transposed=new_transposed, final_softcap=softcap)], axis=-1)
+
+
+def next_token_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, dict]:
+  """Mean cross-entropy of tokens[:, t + 1] under logits[:, t] over the positions where loss_mask is True.
+
+  Args:
+    logits: [B, T, V] float32.
+    tokens: [B, T] int32.
+    loss_mask: [B, T] bool; the last column must be False (it has no next token).
+
+  Returns:
+    (loss, metrics) with metrics {"loss", "accuracy", "tokens"} (accuracy: the target has the largest logit).
+  """
+  targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  mask = loss_mask.astype(jnp.float32)
+  count = jnp.maximum(jnp.sum(mask), 1.0)
+  loss = jnp.sum((log_z - target_logit) * mask) / count
+  # "The target is the argmax" without jnp.argmax, whose variadic reduce XLA:CPU runs slowly over a vocabulary.
+  hits = (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
+  return loss, {"loss": loss, "accuracy": jnp.sum(hits * mask) / count, "tokens": jnp.sum(mask)}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW with linear warmup then cosine decay to `final_fraction` of the peak, and global-norm clipping."""
+
+  learning_rate: float = 1e-3
+  warmup_steps: int = 20
+  total_steps: int = 1000
+  final_fraction: float = 0.1
+  weight_decay: float = 0.0
+  clip_norm: float = 1.0
+  b1: float = 0.9
+  b2: float = 0.98
+
+  def schedule(self) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        0.0, self.learning_rate, warmup_steps=self.warmup_steps, decay_steps=max(self.total_steps, self.warmup_steps + 1),
+        end_value=self.learning_rate * self.final_fraction)
+
+  def make(self) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(self.clip_norm),
+                       optax.adamw(self.schedule(), b1=self.b1, b2=self.b2, weight_decay=self.weight_decay))
+
+
+def init_state(trainable: Tree, optimizer: optax.GradientTransformation) -> dict[str, Any]:
+  """{"step": int32 [], "trainable": tree, "opt_state": tree}: everything a checkpoint must hold to resume."""
+  return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable)}
+
+
+def make_train_step(model: Model, optimizer: optax.GradientTransformation, mesh: Mesh
+                    ) -> Callable[[Tree, dict, dict], tuple[dict, dict]]:
+  """One jitted step `(frozen, state, batch) -> (state, metrics)` over `mesh`.
+
+  The batch is split over the mesh's batch axes, the weights and optimizer state are replicated (data
+  parallelism: GSPMD inserts the gradient all-reduce), and the state is donated so it is updated in place.
+  """
+  replicated = parallel.replicated(mesh)
+
+  def step(frozen, state, batch):
+    def loss_fn(trainable):
+      logits = model.logits(frozen, trainable, batch["tokens"], batch["valid"])
+      return next_token_loss(logits, batch["tokens"], batch["loss_mask"])
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["trainable"])
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
+    trainable = optax.apply_updates(state["trainable"], updates)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+    return {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}, metrics
+
+  batch_spec = {name: parallel.batch_sharding(mesh, 2) for name in ("tokens", "valid", "loss_mask")}
+  return jax.jit(step, in_shardings=(replicated, replicated, batch_spec), out_shardings=(replicated, replicated),
+                 donate_argnums=(1,))
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def eval_loss(model: Model, frozen: Tree, trainable: Tree, batch: dict) -> dict:
+  """The loss metrics of one batch without an update."""
+  logits = model.logits(frozen, trainable, batch["tokens"], batch["valid"])
+  return next_token_loss(logits, batch["tokens"], batch["loss_mask"])[1]
