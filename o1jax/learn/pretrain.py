@@ -1,0 +1,209 @@
+"""Format pretraining: teach a decoder the LLaMA-O1 node format and its rating tokens (launch/pretrain.py runs it).
+
+LLaMA-O1 got its policy-and-value model by continued pretraining on OpenLongCoT trees. This does the same on
+trees built from GSM8K (and MATH) solutions by `o1jax.data.corpus`, with three kinds of records:
+  - whole trees (next-token loss on every token): the node syntax, step chains, critics, refinements;
+  - (policy prompt, step) pairs, loss on the step only: the exact prompt layout the search sends, ending at
+    `<end_of_thought>`;
+  - (rating prompt, rating) pairs with matched correct and corrupted steps, loss on the rating only: what the
+    value head (the two rating logits) learns from.
+
+The run is resumable: the train state and the data iterator's position are checkpointed together every
+`checkpoint.every` steps, and a restarted run continues at the same step with the same next batch. Metrics go to
+TensorBoard event files and to metrics.jsonl in the work directory. At the end the adapter (LoRA matrices plus
+the new token rows) is written as one safetensors file that `o1jax.pretrained.load` applies on top of the base
+model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from o1jax import checkpoint, parallel, pretrained, thoughts
+from o1jax.data import corpus, pipeline, problems as problems_lib
+from o1jax.learn import lm, lora
+
+
+def build_records(split: str, count: int | None, seed: int, *, trees: bool = True, policy: bool = True,
+                  rating: bool = True) -> list[Any]:
+  """The training records of `split`'s problems: tree texts (str) and (prompt, target) pairs.
+
+  Deterministic from `seed`: problem i uses the generator seeded with (seed, i).
+  """
+  problems = problems_lib.load(split, 0, count)
+  records: list[Any] = []
+  for i, problem in enumerate(problems):
+    rng = np.random.default_rng([seed, i])
+    if trees:
+      records.append(corpus.tree_text(problem, rng))
+    if policy:
+      records.extend(corpus.policy_examples(problem, rng))
+    if rating:
+      for prompt, is_correct in corpus.rating_examples(problem, rng):
+        records.append((prompt, rating_target(is_correct)))
+  return records
+
+
+def rating_target(is_correct: bool) -> str:
+  """What follows a rating prompt (which ends in `<start_of_rating>`) for a correct or a wrong step."""
+  return thoughts.rating_token(is_correct) + "<end_of_rating>"
+
+
+def _optimizer_config(config: ml_collections.ConfigDict) -> lm.OptimizerConfig:
+  o = config.optimizer
+  return lm.OptimizerConfig(learning_rate=o.learning_rate, warmup_steps=o.warmup_steps,
+                            total_steps=config.train.steps, final_fraction=o.final_fraction,
+                            weight_decay=o.weight_decay, clip_norm=o.clip_norm)
+
+
+def _lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig | None:
+  if not config.lora.rank:
+    return None
+  return lora.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, targets=tuple(config.lora.targets))
+
+
+class _MetricsLog:
+  """TensorBoard events + one JSON object per line in metrics.jsonl (appended, so a resumed run continues it)."""
+
+  def __init__(self, workdir: str):
+    import tensorboardX
+    self._writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+  def write(self, step: int, prefix: str, metrics: dict[str, float]) -> None:
+    for name, value in metrics.items():
+      self._writer.add_scalar(f"{prefix}/{name}", value, step)
+    self._jsonl.write(json.dumps({"step": step, "split": prefix, **metrics}) + "\n")
+    self._jsonl.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+    self._jsonl.close()
+
+
+def _host_metrics(metrics: dict) -> dict[str, float]:
+  return {name: float(value) for name, value in jax.device_get(metrics).items()}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains for config.train.steps steps (resuming from workdir's latest checkpoint) and writes the adapter.
+
+  Returns the last logged train metrics.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+  if config.output.adapter_path and not config.lora.rank:
+    raise ValueError(f"output.adapter_path={config.output.adapter_path!r} needs LoRA training (lora.rank > 0); "
+                     "set it to '' for a full fine-tune.")
+  base = pretrained.load(config.model.path, dtype=config.model.dtype)
+  tokenizer = base.tokenizer
+  lora_config = _lora_config(config)
+  model = lm.Model(config=base.model.config, base_vocab=base.base_vocab, lora=lora_config)
+  mesh = parallel.make_mesh()
+  if config.data.batch_size % parallel.batch_size_multiple(mesh):
+    raise ValueError(f"data.batch_size={config.data.batch_size} does not split over the mesh's "
+                     f"{parallel.batch_size_multiple(mesh)} batch shards.")
+
+  records = build_records(config.data.split, config.data.count, config.data.seed)
+  train_data = pipeline.text_dataset(records, tokenizer.encode, seq_len=config.data.seq_len,
+                                     batch_size=config.data.batch_size, seed=config.data.seed, num_epochs=None)
+  eval_records = build_records(config.eval.split, config.eval.count, config.data.seed + 1)
+  eval_data = pipeline.text_dataset(eval_records, tokenizer.encode, seq_len=config.data.seq_len,
+                                    batch_size=config.data.batch_size, seed=0, shuffle=False, num_epochs=1)
+
+  optimizer_config = _optimizer_config(config)
+  optimizer = optimizer_config.make()
+  frozen, trainable = model.split(base.model.weights(), jax.random.key(config.train.seed))
+  state = lm.init_state(trainable, optimizer)
+  replicated = parallel.replicated(mesh)
+  frozen, state = jax.device_put((frozen, state), replicated)
+  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.every,
+                                         keep=config.checkpoint.keep)
+  start = checkpointer.latest_step()
+  data_state = None
+  if start is not None:
+    state, data_state, _ = checkpointer.restore(start, target=state)
+    print(f"resumed from step {start} in {workdir}")
+  train_iter = pipeline.iterator(train_data, state=data_state)
+  start = int(state["step"])
+
+  train_step = lm.make_train_step(model, optimizer, mesh)
+  log = _MetricsLog(workdir)
+  last: dict[str, float] = {}
+  window: list[dict] = []
+  started = time.perf_counter()
+  tokens_seen = 0
+  bar = tqdm.tqdm(range(start, config.train.steps), initial=start, total=config.train.steps, desc="pretrain",
+                  unit="step", dynamic_ncols=True)
+  for step in bar:
+    batch = parallel.shard_batch(next(train_iter), mesh)
+    state, metrics = train_step(frozen, state, batch)
+    window.append(metrics)
+    done = step + 1
+    if done % config.train.log_every == 0 or done == config.train.steps:
+      host = [_host_metrics(m) for m in window]
+      tokens = sum(m["tokens"] for m in host)
+      tokens_seen += tokens
+      last = {"loss": float(np.mean([m["loss"] for m in host])),
+              "accuracy": float(np.mean([m["accuracy"] for m in host])),
+              "grad_norm": float(np.mean([m["grad_norm"] for m in host])),
+              "learning_rate": float(optimizer_config.schedule()(step)),
+              "target_tokens_per_s": tokens_seen / (time.perf_counter() - started)}
+      window = []
+      log.write(done, "train", last)
+      bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.2f}")
+    if done % config.eval.every == 0 or done == config.train.steps:
+      log.write(done, "eval", evaluate_loss(model, frozen, state["trainable"], eval_data, mesh,
+                                            config.eval.batches))
+    # Save a host copy (np.array copies): the next step donates the state's buffers and may overwrite them while
+    # the checkpoint is still being written in the background; on CPU a device_get can be a view of them.
+    checkpointer.save(done, jax.tree.map(np.array, state), data_state=pipeline.get_state(train_iter),
+                      metadata={"step": done, "workdir": workdir}, force=done == config.train.steps)
+  checkpointer.wait()
+  checkpointer.close()
+  log.close()
+
+  if config.output.adapter_path:
+    write_adapter(config.output.adapter_path, model, state["trainable"], base=config.model.path,
+                  special_tokens=base.special_tokens, dtype=config.output.adapter_dtype)
+    print(f"adapter written to {config.output.adapter_path}")
+  return last
+
+
+def evaluate_loss(model: lm.Model, frozen, trainable, data, mesh, max_batches: int) -> dict[str, float]:
+  """Token-weighted mean loss and accuracy over up to max_batches batches of `data` (from its start)."""
+  loss_sum = hits = count = 0.0
+  for i, batch in enumerate(data):
+    if i >= max_batches:
+      break
+    m = _host_metrics(lm.eval_loss(model, frozen, trainable, parallel.shard_batch(batch, mesh)))
+    loss_sum += m["loss"] * m["tokens"]
+    hits += m["accuracy"] * m["tokens"]
+    count += m["tokens"]
+  return {"loss": loss_sum / max(count, 1.0), "accuracy": hits / max(count, 1.0)}
+
+
+def write_adapter(path: str, model: lm.Model, trainable, *, base: str, special_tokens: Sequence[str],
+                  dtype: str) -> None:
+  """The LoRA matrices and the new token rows as one safetensors file (see `o1jax.pretrained.load`)."""
+  if model.lora is None:
+    raise ValueError("write_adapter needs LoRA training (lora.rank > 0); a full fine-tune exports with "
+                     "models.hf_io.save_pretrained instead.")
+  cast = lambda a: np.asarray(jnp.asarray(a, jnp.dtype(dtype)))
+  extra = {"new_rows": cast(trainable["new_rows"])}
+  if "new_head" in trainable:
+    extra["new_head"] = cast(trainable["new_head"])
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  lora.save(path, jax.tree.map(cast, trainable["adapter"]), model.lora, extra=extra,
+            metadata={"base": base, "base_vocab": model.base_vocab, "special_tokens": list(special_tokens)})
