@@ -1,0 +1,84 @@
+"""ROC AUC against hand-counted pairs, and the step-format rate of known continuations."""
+
+import numpy as np
+import pytest
+
+from o1jax import format_eval
+
+
+def test_roc_auc_by_hand():
+  # Positives 0.9, 0.4; negatives 0.5, 0.1: of the 4 (positive, negative) pairs, 3 are ordered right.
+  assert format_eval.roc_auc([0.9, 0.5, 0.4, 0.1], [True, False, True, False]) == 0.75
+  # A tie between a positive and a negative counts one half: pairs (0.5 vs 0.5) = 1/2, (0.5 vs 0.2) = 1.
+  assert format_eval.roc_auc([0.5, 0.5, 0.2], [True, False, False]) == 0.75
+  assert format_eval.roc_auc([3, 2, 1], [True, True, False]) == 1.0
+  assert format_eval.roc_auc([1, 2, 3], [True, True, False]) == 0.0
+
+
+def test_roc_auc_matches_pair_counting_on_random_scores():
+  rng = np.random.default_rng(0)
+  scores = rng.integers(0, 5, 60).astype(float)   # many ties
+  labels = rng.random(60) < 0.4
+  pos, neg = scores[labels], scores[~labels]
+  counted = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+  assert format_eval.roc_auc(scores, labels) == pytest.approx(counted)
+
+
+def test_roc_auc_needs_both_classes():
+  with pytest.raises(ValueError, match="needs both classes; got 2 positive and 0 negative"):
+    format_eval.roc_auc([0.1, 0.2], [True, True])
+
+
+class _FakeTokenizer:
+  """Token ids are characters; decode joins them back."""
+
+  def encode(self, text):
+    return [ord(c) for c in text]
+
+  def decode(self, ids):
+    return "".join(chr(i) for i in ids)
+
+
+class _FakeSampler:
+  """Returns fixed continuations, as a sampler that generated them would."""
+
+  def __init__(self, continuations):
+    self.continuations = continuations
+
+  def prefill(self, prompts, reserve=0):
+    return len(prompts)
+
+  def sample(self, prefix, *, k, stop, max_new_tokens, params, seed):
+    class _Samples:
+      def sequences(_):
+        return [[ord(c) for c in text] for text in self.continuations[:prefix]]
+    return _Samples()
+
+
+def test_step_format_rate_counts_parsable_steps():
+  continuations = [
+      "Felix drives 2*66=132 mph.<end_of_thought>",                               # good
+      " So the answer is \\boxed{528}<end_of_thought>",                           # good
+      "Felix drives 132 mph and then",                                            # ran out of tokens
+      "step<end_of_thought><start_of_rating><positive_rating><end_of_rating>",    # wrote past the stop
+  ]
+  rate, steps = format_eval.step_format_rate(_FakeSampler(continuations), _FakeTokenizer(), ["p"] * 4,
+                                             batch_size=4, max_new_tokens=8, params=None, seed=0)
+  assert steps == continuations
+  assert rate == 0.5
+
+
+def test_rating_pairs_match_a_real_step_with_its_corruption():
+  from o1jax import thoughts
+  from o1jax.data import problems
+  held_out = problems.load("gsm8k_test", 0, 10)
+  pairs = format_eval.rating_pairs(held_out, seed=0)
+  assert len(pairs) == 10
+  for problem, (right, wrong) in zip(held_out, pairs):
+    assert right != wrong and right.endswith(thoughts.START_RATING) and wrong.endswith(thoughts.START_RATING)
+    cut = right.rfind(thoughts.START_THOUGHT)
+    assert wrong[:cut] == right[:cut]                                      # the same path and node header
+    assert not right[cut:].startswith(thoughts.START_THOUGHT + "<conclusion>")
+    step = right[cut + len(thoughts.START_THOUGHT):-len(thoughts.END_THOUGHT + thoughts.START_RATING)]
+    assert step.strip() and step.strip() in problem.solution              # a line of the reference solution
+  assert pairs == format_eval.rating_pairs(held_out, seed=0)
