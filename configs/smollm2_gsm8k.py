@@ -1,6 +1,9 @@
 """SmolLM2-135M-Instruct on GSM8K, on the CPU: the default experiment (README's main command).
 
   python -m launch.solve --config=configs/smollm2_gsm8k.py --config.data.count=8
+
+The model is the packaged SmolLM2 checkpoint plus the format adapter that launch.pretrain wrote
+(configs/smollm2_format_pretrain.py): LoRA matrices and the LLaMA-O1 special tokens' embedding rows.
 """
 
 import ml_collections
@@ -10,6 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model = ml_collections.ConfigDict(dict(
       path="smollm2-135m-instruct",  # a packaged model name, a Hugging Face directory or a .gguf file
+      adapter="configs/adapters/smollm2_135m_format.safetensors",  # "" for the base model
       dtype="float32",
   ))
   config.data = ml_collections.ConfigDict(dict(
@@ -17,10 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
       start=0,
       count=4,
   ))
-  config.generate = ml_collections.ConfigDict(dict(
-      max_new_tokens=192,
-      system_prompt="You are a careful math tutor. Solve the problem step by step, then finish with "
-                    "'The answer is N.'",
+  config.search = ml_collections.ConfigDict(dict(
+      max_steps=8,
+      max_new_tokens=96,
+      temperature=0.0,   # 0: greedy steps
+      seed=0,
   ))
   config.output_dir = "runs/solve_smollm2_gsm8k"
   return config
