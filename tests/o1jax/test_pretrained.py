@@ -9,13 +9,8 @@ from o1jax import pretrained, thoughts
 from o1jax.learn import lm, lora, pretrain
 
 
-@pytest.fixture
-def tiny_checkpoint(tiny_smollm2_checkpoint):
-  return tiny_smollm2_checkpoint
-
-
-def test_load_adds_every_special_token_as_one_new_row(tiny_checkpoint):
-  loaded = pretrained.load(tiny_checkpoint, dtype="float32")
+def test_load_adds_every_special_token_as_one_new_row(tiny_smollm2_checkpoint):
+  loaded = pretrained.load(tiny_smollm2_checkpoint, dtype="float32")
   assert loaded.base_vocab == 49_152
   assert loaded.model.config.vocab_size == 49_152 + len(thoughts.SPECIAL_TOKENS)
   ids = [loaded.tokenizer.encode(t) for t in thoughts.SPECIAL_TOKENS]
@@ -25,19 +20,19 @@ def test_load_adds_every_special_token_as_one_new_row(tiny_checkpoint):
                              atol=1e-6)
 
 
-def test_adapter_file_gives_the_trained_model(tiny_checkpoint, tmp_path):
+def test_adapter_file_gives_the_trained_model(tiny_smollm2_checkpoint, tmp_path):
   """Logits of (frozen, trainable) as training computes them equal those of load(base, adapter=file)."""
-  loaded = pretrained.load(tiny_checkpoint, dtype="float32")
+  loaded = pretrained.load(tiny_smollm2_checkpoint, dtype="float32")
   spec = lm.Model(config=loaded.model.config, base_vocab=loaded.base_vocab,
                   lora=lora.LoraConfig(rank=2, alpha=4.0, targets=("q", "v", "gate")))
   frozen, trainable = spec.split(loaded.model.weights(), jax.random.key(1))
   rng = np.random.default_rng(0)
   trainable = jax.tree.map(lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(np.float32), trainable)
   path = str(tmp_path / "adapter.safetensors")
-  pretrain.write_adapter(path, spec, trainable, base=tiny_checkpoint, special_tokens=loaded.special_tokens,
+  pretrain.write_adapter(path, spec, trainable, base=tiny_smollm2_checkpoint, special_tokens=loaded.special_tokens,
                          dtype="float32")
 
-  adapted = pretrained.load(tiny_checkpoint, adapter=path, dtype="float32")
+  adapted = pretrained.load(tiny_smollm2_checkpoint, adapter=path, dtype="float32")
   tokens = jnp.asarray([loaded.tokenizer.encode("<start_of_thought>12+3=15<end_of_thought><start_of_rating>")])
   want = spec.logits(frozen, trainable, tokens, jnp.ones(tokens.shape, bool))
   got = adapted.model(tokens)
@@ -45,14 +40,14 @@ def test_adapter_file_gives_the_trained_model(tiny_checkpoint, tmp_path):
   assert not np.allclose(np.asarray(got), np.asarray(loaded.model(tokens)), atol=1e-2)
 
 
-def test_adapter_errors(tiny_checkpoint, tmp_path):
+def test_adapter_errors(tiny_smollm2_checkpoint, tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    pretrained.load(tiny_checkpoint, adapter=str(tmp_path / "missing.safetensors"))
-  loaded = pretrained.load(tiny_checkpoint, dtype="float32")
+    pretrained.load(tiny_smollm2_checkpoint, adapter=str(tmp_path / "missing.safetensors"))
+  loaded = pretrained.load(tiny_smollm2_checkpoint, dtype="float32")
   spec = lm.Model(config=loaded.model.config, base_vocab=loaded.base_vocab, lora=lora.LoraConfig(rank=2, alpha=2.0))
   _, trainable = spec.split(loaded.model.weights(), jax.random.key(1))
   path = str(tmp_path / "other_base.safetensors")
   pretrain.write_adapter(path, spec, trainable, base="another-model", special_tokens=loaded.special_tokens,
                          dtype="float32")
   with pytest.raises(ValueError, match="was trained on 'another-model'"):
-    pretrained.load(tiny_checkpoint, adapter=path)
+    pretrained.load(tiny_smollm2_checkpoint, adapter=path)
