@@ -198,7 +198,8 @@ def _block(x: jax.Array, w: Weights, *, config: DecoderConfig, cos: jax.Array, s
 
 
 def forward(weights: Weights, tokens: jax.Array, positions: jax.Array, *, config: DecoderConfig,
-            cache: attention.KVCache | None = None) -> tuple[jax.Array, attention.KVCache | None]:
+            cache: attention.KVCache | None = None, frozen_layers: int = 0
+            ) -> tuple[jax.Array, attention.KVCache | None]:
   """Runs the decoder body over a block of tokens.
 
   Without a cache the block attends to itself (a plain full forward, for scoring and training) and the stacked
@@ -212,6 +213,9 @@ def forward(weights: Weights, tokens: jax.Array, positions: jax.Array, *, config
     positions: [B, T] int32 position of each token, -1 for padding (see `positions_from_mask`).
     config: the decoder's config (static).
     cache: the cache to extend; the caller guarantees cache.end + T <= S.
+    frozen_layers: without a cache, the first this many layers (and the embedding) run as a separate scan whose
+      output is under `stop_gradient`, so a backward pass only runs through the layers above it (training
+      the top of the model costs a forward of the bottom and nothing more).
 
   Returns:
     hidden: [B, T, D] final-normed activations in config.dtype (feed to `head_logits`).
@@ -242,9 +246,18 @@ def forward(weights: Weights, tokens: jax.Array, positions: jax.Array, *, config
     layers = weights["layers"]
     if isinstance(layers, (tuple, list)):
       layers = jax.tree.map(lambda *a: jnp.stack(a), *layers)
-    x, _ = jax.lax.scan(scan_body, x, (layers, is_sliding))
+    if not 0 <= frozen_layers <= c.num_layers:
+      raise ValueError(f"frozen_layers={frozen_layers} must be in [0, {c.num_layers}].")
+    scanned = (layers, is_sliding)
+    if frozen_layers:
+      bottom = jax.tree.map(lambda a: a[:frozen_layers], scanned)
+      x = jax.lax.stop_gradient(jax.lax.scan(scan_body, x, bottom)[0])
+      scanned = jax.tree.map(lambda a: a[frozen_layers:], scanned)
+    x, _ = jax.lax.scan(scan_body, x, scanned)
     return L.rms_norm(x, weights["final_norm"], eps=c.rms_norm_eps, plus_one=c.is_gemma), None
 
+  if frozen_layers:
+    raise ValueError("frozen_layers applies to a forward without a cache (training).")
   per_layer = unstack_layers(weights)["layers"]
   new_k, new_v = [], []
   for l, window in enumerate(windows):

@@ -45,11 +45,15 @@ class Model:
     base_vocab: rows of the embedding that stay frozen in LoRA mode (the tokenizer's vocabulary before the
       special tokens were added); the rows after it are the new rows.
     lora: the LoRA config, or None to train every weight.
+    frozen_layers: the bottom layers that get no gradient (`decoder.forward`'s frozen_layers): their weights
+      (or adapter factors) stay as they are, and the backward pass stops above them. The new token rows then
+      learn only through the head (a tied one), not as inputs.
   """
 
   config: DecoderConfig
   base_vocab: int
   lora: lora.LoraConfig | None
+  frozen_layers: int = 0
 
   def split(self, weights: Tree, key: jax.Array) -> tuple[Tree, Tree]:
     """Full decoder weights -> (frozen, trainable). LoRA mode initialises a fresh adapter from `key`."""
@@ -78,22 +82,42 @@ class Model:
       weights["head"] = jnp.concatenate([frozen["head"], trainable["new_head"].astype(frozen["head"].dtype)], 1)
     return weights
 
+  def hidden(self, frozen: Tree, trainable: Tree, tokens: jax.Array, valid: jax.Array) -> jax.Array:
+    """[B, T] tokens (right-padded; `valid` marks real ones) -> [B, T, D] final-normed activations."""
+    positions = decoder.positions_from_mask(valid)
+    weights = trainable if self.lora is None else self._body_weights(frozen, trainable)
+    return decoder.forward(weights, tokens, positions, config=self.config, frozen_layers=self.frozen_layers)[0]
+
+  def _heads(self, frozen: Tree, trainable: Tree) -> tuple[tuple[jax.Array, bool], ...]:
+    """The vocabulary head as (matrix, transposed) parts whose logits, concatenated, cover the vocabulary."""
+    if self.lora is None:
+      if "head" in trainable:
+        return ((trainable["head"], False),)
+      return ((trainable["embed"], True),)
+    if "new_head" in trainable:
+      return (jax.lax.stop_gradient(frozen["head"]), False), (trainable["new_head"], False)
+    return (jax.lax.stop_gradient(frozen["embed"]), True), (trainable["new_rows"], True)
+
   def logits(self, frozen: Tree, trainable: Tree, tokens: jax.Array, valid: jax.Array) -> jax.Array:
     """[B, T] tokens (right-padded; `valid` marks real ones) -> [B, T, V] float32 logits."""
-    c = self.config
-    positions = decoder.positions_from_mask(valid)
-    if self.lora is None:
-      hidden, _ = decoder.forward(trainable, tokens, positions, config=c)
-      return decoder.head_logits(trainable, hidden, config=c)
-    hidden, _ = decoder.forward(self._body_weights(frozen, trainable), tokens, positions, config=c)
-    if "new_head" in trainable:
-      (base, base_transposed), (new, new_transposed) = (frozen["head"], False), (trainable["new_head"], False)
-    else:
-      (base, base_transposed), (new, new_transposed) = (frozen["embed"], True), (trainable["new_rows"], True)
-    softcap = c.final_logit_softcap
-    return jnp.concatenate([
-        layers.unembed(hidden, jax.lax.stop_gradient(base), transposed=base_transposed, final_softcap=softcap),
-        layers.unembed(hidden, new, transposed=new_transposed, final_softcap=softcap)], axis=-1)
+    hidden = self.hidden(frozen, trainable, tokens, valid)
+    softcap = self.config.final_logit_softcap
+    return jnp.concatenate([layers.unembed(hidden, table, transposed=transposed, final_softcap=softcap)
+                            for table, transposed in self._heads(frozen, trainable)], axis=-1)
+
+  def token_logits(self, frozen: Tree, trainable: Tree, hidden: jax.Array, ids: tuple[int, ...]) -> jax.Array:
+    """[..., D] final-normed activations -> [..., len(ids)] float32 logits of those vocabulary ids only."""
+    columns, offset = [], 0
+    for table, transposed in self._heads(frozen, trainable):
+      size = table.shape[0] if transposed else table.shape[1]
+      for i in ids:
+        if offset <= i < offset + size:
+          columns.append(table[i - offset] if transposed else table[:, i - offset])
+      offset += size
+    if len(columns) != len(ids):
+      raise ValueError(f"token ids {ids} are not all in the vocabulary of {offset} ids.")
+    return layers.unembed(hidden, jnp.stack(columns, axis=1), transposed=False,
+                          final_softcap=self.config.final_logit_softcap)
 
 
 def next_token_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, dict]:
@@ -116,6 +140,35 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) 
   # "The target is the argmax" without jnp.argmax, whose variadic reduce XLA:CPU runs slowly over a vocabulary.
   hits = (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
   return loss, {"loss": loss, "accuracy": jnp.sum(hits * mask) / count, "tokens": jnp.sum(mask)}
+
+
+def rating_loss(model: Model, frozen: Tree, trainable: Tree, batch: dict, positive_id: int, negative_id: int
+                ) -> tuple[jax.Array, dict]:
+  """LLaMA-O1's value loss: cross-entropy over the two rating logits only, where a rating is the target.
+
+  Rows are (rating prompt, rating token) pairs of `pipeline.text_dataset`: loss_mask is True at the row's
+  `<start_of_rating>` position t, whose target tokens[t + 1] is `<positive_rating>` (label 1) or
+  `<negative_rating>` (label 0). The value read there is log p(positive) of a log-softmax over those two logits
+  (`sampling.sampler.rating_values`); only they are computed, not the vocabulary head. Rows whose masked target
+  is no rating token (or that have no masked position) are left out.
+
+  Returns:
+    (loss, metrics) with metrics {"loss", "accuracy" (p(right rating) > 1/2), "tokens" (rated rows)}.
+  """
+  tokens, loss_mask = batch["tokens"], batch["loss_mask"]
+  B = tokens.shape[0]
+  position = jnp.argmax(loss_mask, axis=1)  # the first masked position of each row
+  target = tokens[jnp.arange(B), jnp.minimum(position + 1, tokens.shape[1] - 1)]
+  rated = jnp.any(loss_mask, axis=1) & ((target == positive_id) | (target == negative_id))
+  hidden = model.hidden(frozen, trainable, tokens, batch["valid"])[jnp.arange(B), position]
+  pair = model.token_logits(frozen, trainable, hidden, (positive_id, negative_id))
+  log_p = jax.nn.log_softmax(pair, axis=-1)
+  right = jnp.where(target == positive_id, log_p[:, 0], log_p[:, 1])
+  weight = rated.astype(jnp.float32)
+  count = jnp.maximum(jnp.sum(weight), 1.0)
+  loss = -jnp.sum(right * weight) / count
+  return loss, {"loss": loss, "accuracy": jnp.sum((right > jnp.log(0.5)) * weight) / count,
+                "tokens": jnp.sum(weight)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,9 +199,19 @@ def init_state(trainable: Tree, optimizer: optax.GradientTransformation) -> dict
   return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable)}
 
 
-def make_train_step(model: Model, optimizer: optax.GradientTransformation, mesh: Mesh
+def batch_loss(model: Model, frozen: Tree, trainable: Tree, batch: dict,
+               rating_ids: tuple[int, int] | None = None) -> tuple[jax.Array, dict]:
+  """`next_token_loss` of the batch, or with rating_ids = (positive, negative) its `rating_loss`."""
+  if rating_ids is not None:
+    return rating_loss(model, frozen, trainable, batch, *rating_ids)
+  logits = model.logits(frozen, trainable, batch["tokens"], batch["valid"])
+  return next_token_loss(logits, batch["tokens"], batch["loss_mask"])
+
+
+def make_train_step(model: Model, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    rating_ids: tuple[int, int] | None = None
                     ) -> Callable[[Tree, dict, dict], tuple[dict, dict]]:
-  """One jitted step `(frozen, state, batch) -> (state, metrics)` over `mesh`.
+  """One jitted step `(frozen, state, batch) -> (state, metrics)` over `mesh` (loss: see `batch_loss`).
 
   The batch is split over the mesh's batch axes, the weights and optimizer state are replicated (data
   parallelism: GSPMD inserts the gradient all-reduce), and the state is donated so it is updated in place.
@@ -157,8 +220,7 @@ def make_train_step(model: Model, optimizer: optax.GradientTransformation, mesh:
 
   def step(frozen, state, batch):
     def loss_fn(trainable):
-      logits = model.logits(frozen, trainable, batch["tokens"], batch["valid"])
-      return next_token_loss(logits, batch["tokens"], batch["loss_mask"])
+      return batch_loss(model, frozen, trainable, batch, rating_ids)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["trainable"])
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
@@ -171,8 +233,8 @@ def make_train_step(model: Model, optimizer: optax.GradientTransformation, mesh:
                  donate_argnums=(1,))
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def eval_loss(model: Model, frozen: Tree, trainable: Tree, batch: dict) -> dict:
-  """The loss metrics of one batch without an update."""
-  logits = model.logits(frozen, trainable, batch["tokens"], batch["valid"])
-  return next_token_loss(logits, batch["tokens"], batch["loss_mask"])[1]
+@functools.partial(jax.jit, static_argnames=("model", "rating_ids"))
+def eval_loss(model: Model, frozen: Tree, trainable: Tree, batch: dict,
+              rating_ids: tuple[int, int] | None = None) -> dict:
+  """The loss metrics of one batch without an update (see `batch_loss`)."""
+  return batch_loss(model, frozen, trainable, batch, rating_ids)[1]

@@ -128,3 +128,65 @@ def test_optimizer_schedule_warms_up_then_decays():
   schedule = config.schedule()
   np.testing.assert_allclose([float(schedule(s)) for s in (0, 5, 10, 110)], [0.0, 0.5, 1.0, 0.1], atol=1e-6)
   assert dataclasses.replace(config, warmup_steps=0).schedule()(0) == pytest.approx(1.0)
+
+
+def test_frozen_layers_stop_the_backward_pass(llama):
+  """frozen_layers=1 leaves the logits unchanged, zeroes the bottom layer's gradient and keeps the top layer's."""
+  _, model = llama
+  batch = _batch(model.config.vocab_size)
+  tokens, valid, mask = (jnp.asarray(batch[k]) for k in ("tokens", "valid", "loss_mask"))
+  results = {}
+  for frozen_layers in (0, 1):
+    spec = lm.Model(config=model.config, base_vocab=model.config.vocab_size, lora=None,
+                    frozen_layers=frozen_layers)
+    loss = lambda w: lm.next_token_loss(spec.logits({}, w, tokens, valid), tokens, mask)[0]
+    results[frozen_layers] = jax.value_and_grad(loss)(model.weights())
+  (loss_all, grads_all), (loss_top, grads_top) = results[0], results[1]
+  np.testing.assert_allclose(float(loss_all), float(loss_top), rtol=1e-6)
+  for name, g in grads_top["layers"].items():
+    assert float(jnp.abs(g[0]).max()) == 0.0, name
+    assert float(jnp.abs(grads_all["layers"][name][0]).max()) > 0.0, name
+    np.testing.assert_allclose(np.asarray(g[1:]), np.asarray(grads_all["layers"][name][1:]), atol=1e-6)
+  assert float(jnp.abs(grads_top["embed"]).max()) == 0.0      # the input embedding is below the frozen layer
+  assert float(jnp.abs(grads_top["head"]).max()) > 0.0       # the (untied) head is above it
+  L = model.config.num_layers
+  spec = lm.Model(config=model.config, base_vocab=model.config.vocab_size, lora=None, frozen_layers=L + 1)
+  with pytest.raises(ValueError, match=f"frozen_layers={L + 1} must be in \\[0, {L}\\]"):
+    spec.logits({}, model.weights(), tokens, valid)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_rating_loss_by_hand(tied, tmp_path):
+  """The rating loss is the two-way cross-entropy of the full logits' rating columns at each row's
+  <start_of_rating> position, computed here in numpy; a row whose target is no rating token does not count."""
+  ref.build("llama", tmp_path, tied=tied, seed=7)
+  model = hf_io.load_pretrained(str(tmp_path), dtype="float32")
+  V = model.config.vocab_size
+  positive, negative = V - 2, V - 1
+  spec = lm.Model(config=model.config, base_vocab=V - 4, lora=lora.LoraConfig(rank=2, alpha=4.0, targets=("q",)))
+  frozen, trainable = spec.split(model.weights(), jax.random.key(0))
+  trainable["adapter"] = jax.tree.map(lambda a: a + 0.05, trainable["adapter"])
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, V - 4, (3, 8)).astype(np.int32)
+  valid = np.ones((3, 8), bool)
+  valid[1, 6:] = False
+  loss_mask = np.zeros((3, 8), bool)
+  tokens[0, 5], loss_mask[0, 4] = positive, True     # rated positive at position 4
+  tokens[1, 5], loss_mask[1, 4] = negative, True     # rated negative at position 4
+  loss_mask[2, 3] = True                             # an ordinary token target: left out
+  batch = {"tokens": jnp.asarray(tokens), "valid": jnp.asarray(valid), "loss_mask": jnp.asarray(loss_mask)}
+  loss, metrics = lm.rating_loss(spec, frozen, trainable, batch, positive, negative)
+
+  logits = np.asarray(spec.logits(frozen, trainable, batch["tokens"], batch["valid"]), np.float64)
+  def log_p(row, label):
+    pair = logits[row, 4, [positive, negative]]
+    return pair[label] - np.log(np.exp(pair).sum())
+  want = -(log_p(0, 0) + log_p(1, 1)) / 2
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  assert float(metrics["tokens"]) == 2
+  assert float(metrics["accuracy"]) == ((log_p(0, 0) > np.log(0.5)) + (log_p(1, 1) > np.log(0.5))) / 2
+  np.testing.assert_allclose(np.asarray(spec.token_logits(frozen, trainable, spec.hidden(
+      frozen, trainable, batch["tokens"], batch["valid"])[:, 4], (3, positive))), logits[:, 4, [3, positive]],
+      atol=1e-5)
+  with pytest.raises(ValueError, match="not all in the vocabulary"):
+    spec.token_logits(frozen, trainable, jnp.zeros((1, model.config.d_model)), (V,))
