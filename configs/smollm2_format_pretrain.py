@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
       seed=0,
       seq_len=256,
       batch_size=8,
+      kinds=("trees", "policy", "rating"),
   ))
   config.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=2e-3,
@@ -32,7 +33,14 @@ def get_config() -> ml_collections.ConfigDict:
       weight_decay=0.0,
       clip_norm=1.0,
   ))
-  config.train = ml_collections.ConfigDict(dict(steps=150, log_every=5, seed=0))
+  config.train = ml_collections.ConfigDict(dict(
+      steps=150,
+      log_every=5,
+      seed=0,
+      loss="next_token",      # or "rating": cross-entropy over the two rating logits (data.kinds=("rating",))
+      frozen_layers=0,        # bottom layers without gradient
+      init_adapter="",        # continue from this adapter instead of a fresh one
+  ))
   config.eval = ml_collections.ConfigDict(dict(split="gsm8k_test", count=64, every=50, batches=4))
   config.checkpoint = ml_collections.ConfigDict(dict(every=20, keep=2))
   config.output = ml_collections.ConfigDict(dict(

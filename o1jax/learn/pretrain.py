@@ -109,22 +109,30 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   base = pretrained.load(config.model.path, dtype=config.model.dtype)
   tokenizer = base.tokenizer
   lora_config = _lora_config(config)
-  model = lm.Model(config=base.model.config, base_vocab=base.base_vocab, lora=lora_config)
+  model = lm.Model(config=base.model.config, base_vocab=base.base_vocab, lora=lora_config,
+                   frozen_layers=config.train.frozen_layers)
   mesh = parallel.make_mesh()
   if config.data.batch_size % parallel.batch_size_multiple(mesh):
     raise ValueError(f"data.batch_size={config.data.batch_size} does not split over the mesh's "
                      f"{parallel.batch_size_multiple(mesh)} batch shards.")
 
-  records = build_records(config.data.split, config.data.count, config.data.seed)
+  kinds = dict(trees="trees" in config.data.kinds, policy="policy" in config.data.kinds,
+               rating="rating" in config.data.kinds)
+  if not any(kinds.values()) or set(config.data.kinds) - set(kinds):
+    raise ValueError(f"data.kinds={tuple(config.data.kinds)!r}; expected a non-empty subset of {tuple(kinds)}.")
+  rating_ids = _rating_ids(config, tokenizer)
+  records = build_records(config.data.split, config.data.count, config.data.seed, **kinds)
   train_data = pipeline.text_dataset(records, tokenizer.encode, seq_len=config.data.seq_len,
                                      batch_size=config.data.batch_size, seed=config.data.seed, num_epochs=None)
-  eval_records = build_records(config.eval.split, config.eval.count, config.data.seed + 1)
+  eval_records = build_records(config.eval.split, config.eval.count, config.data.seed + 1, **kinds)
   eval_data = pipeline.text_dataset(eval_records, tokenizer.encode, seq_len=config.data.seq_len,
                                     batch_size=config.data.batch_size, seed=0, shuffle=False, num_epochs=1)
 
   optimizer_config = _optimizer_config(config)
   optimizer = optimizer_config.make()
   frozen, trainable = model.split(base.model.weights(), jax.random.key(config.train.seed))
+  if config.train.init_adapter:
+    trainable = _from_adapter(config.train.init_adapter, model, trainable, base)
   state = lm.init_state(trainable, optimizer)
   replicated = parallel.replicated(mesh)
   frozen, state = jax.device_put((frozen, state), replicated)
@@ -138,7 +146,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   train_iter = pipeline.iterator(train_data, state=data_state)
   start = int(state["step"])
 
-  train_step = lm.make_train_step(model, optimizer, mesh)
+  train_step = lm.make_train_step(model, optimizer, mesh, rating_ids)
   log = _MetricsLog(workdir)
   last: dict[str, float] = {}
   window: list[dict] = []
@@ -165,7 +173,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.2f}")
     if done % config.eval.every == 0 or done == config.train.steps:
       log.write(done, "eval", evaluate_loss(model, frozen, state["trainable"], eval_data, mesh,
-                                            config.eval.batches))
+                                            config.eval.batches, rating_ids))
     # Save a host copy (np.array copies): the next step donates the state's buffers and may overwrite them while
     # the checkpoint is still being written in the background; on CPU a device_get can be a view of them.
     checkpointer.save(done, jax.tree.map(np.array, state), data_state=pipeline.get_state(train_iter),
@@ -181,17 +189,46 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   return last
 
 
-def evaluate_loss(model: lm.Model, frozen, trainable, data, mesh, max_batches: int) -> dict[str, float]:
+def evaluate_loss(model: lm.Model, frozen, trainable, data, mesh, max_batches: int,
+                  rating_ids: tuple[int, int] | None = None) -> dict[str, float]:
   """Token-weighted mean loss and accuracy over up to max_batches batches of `data` (from its start)."""
   loss_sum = hits = count = 0.0
   for i, batch in enumerate(data):
     if i >= max_batches:
       break
-    m = _host_metrics(lm.eval_loss(model, frozen, trainable, parallel.shard_batch(batch, mesh)))
+    m = _host_metrics(lm.eval_loss(model, frozen, trainable, parallel.shard_batch(batch, mesh), rating_ids))
     loss_sum += m["loss"] * m["tokens"]
     hits += m["accuracy"] * m["tokens"]
     count += m["tokens"]
   return {"loss": loss_sum / max(count, 1.0), "accuracy": hits / max(count, 1.0)}
+
+
+def _rating_ids(config: ml_collections.ConfigDict, tokenizer) -> tuple[int, int] | None:
+  """(positive, negative) rating ids for train.loss="rating", None for "next_token"."""
+  if config.train.loss == "next_token":
+    return None
+  if config.train.loss != "rating":
+    raise ValueError(f"train.loss={config.train.loss!r}; expected 'next_token' or 'rating'.")
+  if tuple(config.data.kinds) != ("rating",):
+    raise ValueError(f"train.loss='rating' trains on rating records only; got data.kinds={tuple(config.data.kinds)!r}.")
+  return tokenizer.token_to_id(thoughts.POSITIVE_RATING), tokenizer.token_to_id(thoughts.NEGATIVE_RATING)
+
+
+def _from_adapter(path: str, model: lm.Model, trainable, base: pretrained.Loaded):
+  """The trainable tree initialised from an adapter file (a continuation of an earlier run)."""
+  factors, lora_config, extra, metadata = lora.load(path)
+  if model.lora is None or lora_config != model.lora:
+    raise ValueError(f"train.init_adapter={path!r} holds a LoRA of {lora_config}; this run trains {model.lora}.")
+  if metadata.get("special_tokens") != list(base.special_tokens) or metadata.get("base_vocab") != base.base_vocab:
+    raise ValueError(f"train.init_adapter={path!r} was trained for other special tokens "
+                     f"(from id {metadata.get('base_vocab')}).")
+  out = {"adapter": jax.tree.map(lambda a, like: jnp.asarray(a, like.dtype), factors, trainable["adapter"])}
+  for name in ("new_rows", "new_head"):
+    if name in trainable:
+      if name not in extra or extra[name].shape != trainable[name].shape:
+        raise ValueError(f"train.init_adapter={path!r} has no {name} of shape {trainable[name].shape}.")
+      out[name] = jnp.asarray(extra[name], trainable[name].dtype)
+  return out
 
 
 def write_adapter(path: str, model: lm.Model, trainable, *, base: str, special_tokens: Sequence[str],

@@ -77,3 +77,57 @@ def test_write_adapter_needs_lora(tiny_smollm2_checkpoint, tmp_path):
   config.lora.rank = 0
   with pytest.raises(ValueError, match="needs LoRA training \\(lora.rank > 0\\)"):
     pretrain.run(config, str(tmp_path / "run"))
+
+
+def _rating_config(checkpoint: str, init_adapter: str, adapter_path: str):
+  config = _config(checkpoint, adapter_path)
+  config.data.kinds = ("rating",)
+  config.train.loss = "rating"
+  config.train.frozen_layers = 1
+  config.train.init_adapter = init_adapter
+  config.train.steps = 3
+  config.eval.every = 3
+  config.checkpoint.every = 3
+  return config
+
+
+def test_rating_continuation_starts_from_the_adapter_and_keeps_frozen_layers(tiny_smollm2_checkpoint, tmp_path):
+  """A rating-loss run initialised from an earlier adapter: the frozen bottom layer's LoRA factors come out as
+  they went in (so they were loaded, not freshly drawn), the layers above change, and the rating metrics
+  (two-way loss and accuracy over rated rows only) are logged."""
+  first = str(tmp_path / "format.safetensors")
+  config = _config(tiny_smollm2_checkpoint, first)
+  config.train.steps = 2
+  pretrain.run(config, str(tmp_path / "format"))
+  second = str(tmp_path / "rating.safetensors")
+  pretrain.run(_rating_config(tiny_smollm2_checkpoint, first, second), str(tmp_path / "rating"))
+  before, after = safetensors.numpy.load_file(first), safetensors.numpy.load_file(second)
+  lora_keys = [k for k in before if k.startswith("layers.")]
+  assert lora_keys
+  for key in lora_keys:
+    np.testing.assert_array_equal(before[key][0], after[key][0], err_msg=key)
+  assert any(not np.array_equal(before[k][1:], after[k][1:]) for k in lora_keys if k.endswith(".b"))
+  metrics = _metrics(str(tmp_path / "rating"))
+  train = [m for m in metrics if m["split"] == "train"]
+  evals = [m for m in metrics if m["split"] == "eval"]
+  assert len(train) == 3 and len(evals) == 1
+  assert all(0.0 <= m["accuracy"] <= 1.0 and m["loss"] > 0 for m in train + evals)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(loss="value"), "train.loss='value'; expected 'next_token' or 'rating'"),
+    (dict(kinds=("rating", "trees")), "trains on rating records only"),
+    (dict(kinds=("ratings",)), "data.kinds=\\('ratings',\\); expected a non-empty subset"),
+    (dict(rank=4), "holds a LoRA of"),
+])
+def test_rating_run_rejects_bad_settings(tiny_smollm2_checkpoint, tmp_path, change, message):
+  adapter = str(tmp_path / "format.safetensors")
+  config = _config(tiny_smollm2_checkpoint, adapter)
+  config.train.steps = 1
+  pretrain.run(config, str(tmp_path / "format"))
+  config = _rating_config(tiny_smollm2_checkpoint, adapter, str(tmp_path / "out.safetensors"))
+  config.train.loss = change.get("loss", config.train.loss)
+  config.data.kinds = change.get("kinds", config.data.kinds)
+  config.lora.rank = change.get("rank", config.lora.rank)
+  with pytest.raises(ValueError, match=message):
+    pretrain.run(config, str(tmp_path / "rating"))
