@@ -343,7 +343,8 @@ class Decoder(nnx.Module):
     layers: nnx.Dict of nnx.Param, each stacked [L, ...] (see `weight_shapes`).
     final_norm: nnx.Param [D].
     head: nnx.Param [D, V], or None when the head is tied to the embedding.
-    tokenizer_files: {file name: text} of the tokenizer the checkpoint came with (written back on export), or {}.
+    tokenizer_files: {file name: text (bytes for binary files such as tokenizer.model)} of the tokenizer the
+      checkpoint came with (written back on export), or {}.
   """
 
   def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs | None = None,
@@ -357,7 +358,7 @@ class Decoder(nnx.Module):
     self.layers = nnx.Dict({name: nnx.Param(jnp.asarray(a)) for name, a in weights["layers"].items()})
     self.final_norm = nnx.Param(jnp.asarray(weights["final_norm"]))
     self.head = nnx.Param(jnp.asarray(weights["head"])) if "head" in weights else None
-    self.tokenizer_files: dict[str, str] = {}
+    self.tokenizer_files: dict[str, str | bytes] = {}
 
   def weights(self) -> dict[str, Any]:
     """The parameters as a plain dict of arrays (what `forward` takes)."""
