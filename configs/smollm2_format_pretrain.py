@@ -25,6 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
       seq_len=256,
       batch_size=8,
       kinds=("trees", "policy", "rating"),
+      # False: rows in record order, so a batch holds whole matched pairs (a correct and a corrupted step after
+      # the same path) and the rating gradient compares them; problems come in the split's own order.
+      shuffle=True,
   ))
   config.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=2e-3,

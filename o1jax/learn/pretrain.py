@@ -123,7 +123,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   rating_ids = _rating_ids(config, tokenizer)
   records = build_records(config.data.split, config.data.count, config.data.seed, **kinds)
   train_data = pipeline.text_dataset(records, tokenizer.encode, seq_len=config.data.seq_len,
-                                     batch_size=config.data.batch_size, seed=config.data.seed, num_epochs=None)
+                                     batch_size=config.data.batch_size, seed=config.data.seed,
+                                     shuffle=config.data.shuffle, num_epochs=None)
   eval_records = build_records(config.eval.split, config.eval.count, config.data.seed + 1, **kinds)
   eval_data = pipeline.text_dataset(eval_records, tokenizer.encode, seq_len=config.data.seq_len,
                                     batch_size=config.data.batch_size, seed=0, shuffle=False, num_epochs=1)
