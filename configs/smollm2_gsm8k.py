@@ -2,8 +2,9 @@
 
   python -m launch.solve --config=configs/smollm2_gsm8k.py --config.data.count=8
 
-The model is the packaged SmolLM2 checkpoint plus the format adapter that launch.pretrain wrote
-(configs/smollm2_format_pretrain.py): LoRA matrices and the LLaMA-O1 special tokens' embedding rows.
+The model is the packaged SmolLM2 checkpoint plus the adapter that launch.pretrain wrote: LoRA matrices and the
+LLaMA-O1 special tokens' embedding rows, trained on the format (configs/smollm2_format_pretrain.py) and then on
+the rating loss (configs/smollm2_rating_pretrain.py).
 """
 
 import ml_collections
@@ -13,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model = ml_collections.ConfigDict(dict(
       path="smollm2-135m-instruct",  # a packaged model name, a Hugging Face directory or a .gguf file
-      adapter="configs/adapters/smollm2_135m_format.safetensors",  # "" for the base model
+      adapter="configs/adapters/smollm2_135m_rating.safetensors",  # "" for the base model
       dtype="float32",
   ))
   config.data = ml_collections.ConfigDict(dict(
