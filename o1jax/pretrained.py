@@ -75,7 +75,9 @@ def load(name_or_path: str, *, adapter: str | None = None, dtype: str | None = N
   return loaded
 
 
-def _apply_adapter(loaded: Loaded, path: str, base_name: str) -> decoder.Decoder:
+def read_adapter(loaded: Loaded, path: str, base_name: str):
+  """`lora.load(path)` after checking that the adapter was trained on `base_name` with `loaded`'s special
+  tokens at `loaded`'s ids: (factors, lora config, extra arrays, metadata)."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"adapter {path!r} does not exist; run launch.pretrain to make one.")
   factors, lora_config, extra, metadata = lora.load(path)
@@ -84,6 +86,11 @@ def _apply_adapter(loaded: Loaded, path: str, base_name: str) -> decoder.Decoder
                      f"({metadata.get('special_tokens')}); this model has them from id {loaded.base_vocab}.")
   if metadata.get("base") not in (None, base_name):
     raise ValueError(f"adapter {path!r} was trained on {metadata.get('base')!r}, not on {base_name!r}.")
+  return factors, lora_config, extra, metadata
+
+
+def _apply_adapter(loaded: Loaded, path: str, base_name: str) -> decoder.Decoder:
+  factors, lora_config, extra, _ = read_adapter(loaded, path, base_name)
   model = loaded.model
   weights = dict(model.weights())
   dtype = np.asarray(weights["embed"]).dtype

@@ -133,7 +133,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   optimizer = optimizer_config.make()
   frozen, trainable = model.split(base.model.weights(), jax.random.key(config.train.seed))
   if config.train.init_adapter:
-    trainable = _from_adapter(config.train.init_adapter, model, trainable, base)
+    trainable = _from_adapter(config.train.init_adapter, model, trainable, base, config.model.path)
   state = lm.init_state(trainable, optimizer)
   replicated = parallel.replicated(mesh)
   frozen, state = jax.device_put((frozen, state), replicated)
@@ -211,18 +211,16 @@ def _rating_ids(config: ml_collections.ConfigDict, tokenizer) -> tuple[int, int]
   if config.train.loss != "rating":
     raise ValueError(f"train.loss={config.train.loss!r}; expected 'next_token' or 'rating'.")
   if tuple(config.data.kinds) != ("rating",):
-    raise ValueError(f"train.loss='rating' trains on rating records only; got data.kinds={tuple(config.data.kinds)!r}.")
+    raise ValueError("train.loss='rating' trains on rating records only; got "
+                     f"data.kinds={tuple(config.data.kinds)!r}.")
   return tokenizer.token_to_id(thoughts.POSITIVE_RATING), tokenizer.token_to_id(thoughts.NEGATIVE_RATING)
 
 
-def _from_adapter(path: str, model: lm.Model, trainable, base: pretrained.Loaded):
+def _from_adapter(path: str, model: lm.Model, trainable, base: pretrained.Loaded, base_name: str):
   """The trainable tree initialised from an adapter file (a continuation of an earlier run)."""
-  factors, lora_config, extra, metadata = lora.load(path)
+  factors, lora_config, extra, _ = pretrained.read_adapter(base, path, base_name)
   if model.lora is None or lora_config != model.lora:
     raise ValueError(f"train.init_adapter={path!r} holds a LoRA of {lora_config}; this run trains {model.lora}.")
-  if metadata.get("special_tokens") != list(base.special_tokens) or metadata.get("base_vocab") != base.base_vocab:
-    raise ValueError(f"train.init_adapter={path!r} was trained for other special tokens "
-                     f"(from id {metadata.get('base_vocab')}).")
   out = {"adapter": jax.tree.map(lambda a, like: jnp.asarray(a, like.dtype), factors, trainable["adapter"])}
   for name in ("new_rows", "new_head"):
     if name in trainable:
