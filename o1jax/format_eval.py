@@ -117,10 +117,13 @@ def rating_auc(sampler: Sampler, tokenizer, problems: Sequence[Problem], *, batc
   texts = [text for pair in pairs for text in pair]
   labels = [True, False] * len(pairs)
   positive, negative = (tokenizer.token_to_id(t) for t in ("<positive_rating>", "<negative_rating>"))
-  values = []
+  encoded = [tokenizer.encode(t) for t in texts]
+  # Batches of similar length: each batch is padded to the prompt bucket of its longest text.
+  order = np.argsort([len(ids) for ids in encoded], kind="stable")
+  values = np.zeros(len(texts))
   for start in tqdm.trange(0, len(texts), batch_size, desc="rate steps", unit="batch", leave=False):
-    chunk = [tokenizer.encode(t) for t in texts[start:start + batch_size]]
-    values.extend(np.asarray(sampler.score_texts(chunk, positive, negative)).tolist())
+    rows = order[start:start + batch_size]
+    values[rows] = np.asarray(sampler.score_texts([encoded[r] for r in rows], positive, negative))
   return roc_auc(values, labels), len(pairs)
 
 

@@ -82,3 +82,45 @@ def test_rating_pairs_match_a_real_step_with_its_corruption():
     step = right[cut + len(thoughts.START_THOUGHT):-len(thoughts.END_THOUGHT + thoughts.START_RATING)]
     assert step.strip() and step.strip() in problem.solution              # a line of the reference solution
   assert pairs == format_eval.rating_pairs(held_out, seed=0)
+
+
+class _RecordingScorer:
+  """Scores a token list by a checksum of its ids and records each batch's lengths."""
+
+  def __init__(self):
+    self.batches = []
+
+  @staticmethod
+  def score(ids):
+    return float(sum(i * (k + 1) for k, i in enumerate(ids)) % 1009)
+
+  def score_texts(self, texts, positive_id, negative_id):
+    self.batches.append([len(t) for t in texts])
+    return np.asarray([self.score(t) for t in texts])
+
+
+class _IdTokenizer(_FakeTokenizer):
+  """Characters plus a text-dependent number of filler ids, so a pair's two texts rarely sort side by side."""
+
+  def encode(self, text):
+    ids = super().encode(text)
+    return ids + [7] * (sum(ids) % 97)
+
+  def token_to_id(self, token):
+    return {"<positive_rating>": 1, "<negative_rating>": 2}[token]
+
+
+def test_rating_auc_scores_each_text_under_its_own_label():
+  from o1jax.data import problems
+  held_out = problems.load("gsm8k_test", 0, 12)
+  pairs = format_eval.rating_pairs(held_out, seed=0)
+  scorer = _RecordingScorer()
+  auc, count = format_eval.rating_auc(scorer, _IdTokenizer(), held_out, batch_size=5, seed=0)
+  assert count == len(pairs) == 12
+  # The AUC counted by hand over the pairs: batching by length must keep each score with its own text.
+  right = [scorer.score(_IdTokenizer().encode(r)) for r, _ in pairs]
+  wrong = [scorer.score(_IdTokenizer().encode(w)) for _, w in pairs]
+  expected = np.mean([(r > w) + 0.5 * (r == w) for r in right for w in wrong])
+  assert auc == pytest.approx(expected)
+  lengths = [len(_IdTokenizer().encode(text)) for pair in pairs for text in pair]
+  assert [n for batch in scorer.batches for n in batch] == sorted(lengths)  # batches of similar length
