@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
       final_fraction=0.1,
       weight_decay=0.0,
       clip_norm=1.0,
+      restarts=(),            # steps where a new warmup + cosine cycle starts (a run extended past its schedule)
   ))
   config.train = ml_collections.ConfigDict(dict(
       steps=150,

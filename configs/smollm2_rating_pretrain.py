@@ -23,7 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.loss = "rating"
   config.train.frozen_layers = 14
   config.train.init_adapter = "configs/adapters/smollm2_135m_format.safetensors"
-  config.train.steps = 80
+  # 80 steps, then extended to 300 with a second warmup + cosine cycle from step 80 (the first 80 steps are the
+  # earlier 80-step run; resuming its work directory with this config continues it exactly).
+  config.train.steps = 300
+  config.optimizer.restarts = (80,)
   config.train.log_every = 5
   config.optimizer.learning_rate = 5e-4
   config.optimizer.warmup_steps = 5

@@ -183,11 +183,20 @@ class OptimizerConfig:
   clip_norm: float = 1.0
   b1: float = 0.9
   b2: float = 0.98
+  # Steps where a new warmup + cosine cycle starts (a run extended past its first schedule: the steps before
+  # restarts[0] follow exactly the schedule of a run with total_steps = restarts[0]).
+  restarts: tuple[int, ...] = ()
 
   def schedule(self) -> optax.Schedule:
-    return optax.warmup_cosine_decay_schedule(
-        0.0, self.learning_rate, warmup_steps=self.warmup_steps, decay_steps=max(self.total_steps, self.warmup_steps + 1),
-        end_value=self.learning_rate * self.final_fraction)
+    """Warmup + cosine over [0, total_steps); with restarts, one such cycle per phase between the restarts."""
+    bounds = (0, *self.restarts, self.total_steps)
+    if any(b >= a for a, b in zip(bounds[1:], bounds)) or self.total_steps <= 0:
+      raise ValueError(f"optimizer restarts {tuple(self.restarts)} must rise strictly inside (0, total_steps="
+                       f"{self.total_steps}).")
+    cycles = [optax.warmup_cosine_decay_schedule(
+        0.0, self.learning_rate, warmup_steps=self.warmup_steps, decay_steps=max(end - start, self.warmup_steps + 1),
+        end_value=self.learning_rate * self.final_fraction) for start, end in zip(bounds, bounds[1:])]
+    return cycles[0] if len(cycles) == 1 else optax.join_schedules(cycles, list(self.restarts))
 
   def make(self) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(self.clip_norm),

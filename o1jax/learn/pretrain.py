@@ -62,7 +62,8 @@ def _optimizer_config(config: ml_collections.ConfigDict) -> lm.OptimizerConfig:
   o = config.optimizer
   return lm.OptimizerConfig(learning_rate=o.learning_rate, warmup_steps=o.warmup_steps,
                             total_steps=config.train.steps, final_fraction=o.final_fraction,
-                            weight_decay=o.weight_decay, clip_norm=o.clip_norm)
+                            weight_decay=o.weight_decay, clip_norm=o.clip_norm,
+                            restarts=tuple(o.restarts))
 
 
 def _lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig | None:

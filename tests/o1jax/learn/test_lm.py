@@ -130,6 +130,19 @@ def test_optimizer_schedule_warms_up_then_decays():
   assert dataclasses.replace(config, warmup_steps=0).schedule()(0) == pytest.approx(1.0)
 
 
+def test_optimizer_schedule_restarts_a_cycle():
+  short = lm.OptimizerConfig(learning_rate=1.0, warmup_steps=10, total_steps=110, final_fraction=0.1)
+  extended = dataclasses.replace(short, total_steps=310, restarts=(110,))
+  first, second = short.schedule(), extended.schedule()
+  # Before the restart: the short run's schedule; after it, warmup from 0 and a cosine over the 200 steps left.
+  np.testing.assert_allclose([float(second(s)) for s in (0, 5, 60, 109)], [float(first(s)) for s in (0, 5, 60, 109)])
+  np.testing.assert_allclose([float(second(s)) for s in (110, 115, 120, 215, 310)],  # cosine: 120 -> 310
+                             [0.0, 0.5, 1.0, 0.1 + 0.9 * 0.5, 0.1], atol=1e-6)
+  for restarts in ((0,), (310,), (200, 150)):
+    with pytest.raises(ValueError, match="must rise strictly inside"):
+      dataclasses.replace(short, total_steps=310, restarts=restarts).schedule()
+
+
 def test_frozen_layers_stop_the_backward_pass(llama):
   """frozen_layers=1 leaves the logits unchanged, zeroes the bottom layer's gradient and keeps the top layer's."""
   _, model = llama
