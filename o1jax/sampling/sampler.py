@@ -139,7 +139,7 @@ def _filtered_log_probs(logits: jax.Array, temperature: jax.Array, top_p: jax.Ar
     kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)
     threshold = jnp.take_along_axis(sorted_x, kept - 1, axis=-1)
     x = jnp.where(x < threshold, -jnp.inf, x)
-  return jax.nn.log_softmax(x, axis=-1)
+  return statistics.log_softmax(x)
 
 
 def _argmax(x: jax.Array) -> jax.Array:
@@ -216,7 +216,7 @@ def _decode(weights, cache: attention.KVCache, logits: jax.Array, stop_ids: jax.
 
   def body(s):
     step, active = s["step"], ~s["done"]
-    model_lp = jax.nn.log_softmax(s["logits"], axis=-1)
+    model_lp = statistics.log_softmax(s["logits"])
     model_p = jnp.exp(model_lp)
     entropy, varentropy = statistics.entropy_and_varentropy(model_lp, model_p)
     rng, key = jax.random.split(s["rng"])

@@ -14,6 +14,22 @@ import jax
 import jax.numpy as jnp
 
 
+def vocab_sum(x: jax.Array) -> jax.Array:
+  """Sum over the last axis as a matrix-vector product with ones, at full float32 precision.
+
+  XLA:CPU rewrites a plain reduction over a 49k vocabulary into a tree of unvectorised reduce-windows; the
+  product streams the rows through the matmul kernel instead (measured at [64, 49k]: the entropy and varentropy
+  in 4.4 ms instead of 11 ms). HIGHEST keeps TPU from rounding the terms to bfloat16.
+  """
+  return jnp.matmul(x, jnp.ones((x.shape[-1],), x.dtype), precision=jax.lax.Precision.HIGHEST)
+
+
+def log_softmax(x: jax.Array) -> jax.Array:
+  """log-softmax over the last axis (masked entries at -inf stay -inf), the sum taken by `vocab_sum`."""
+  shifted = x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+  return shifted - jnp.log(vocab_sum(jnp.exp(shifted)))[..., None]
+
+
 def entropy_and_varentropy(log_probs: jax.Array, probs: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Entropy H = -sum p log p and varentropy sum p (log p + H)^2, in nats.
 
@@ -27,8 +43,8 @@ def entropy_and_varentropy(log_probs: jax.Array, probs: jax.Array | None = None)
   probs = jnp.exp(log_probs) if probs is None else probs
   # 0 * log 0 is 0: masked-out tokens (log p = -inf) must not turn the sums into NaN.
   safe = jnp.where(probs > 0, log_probs, 0.0)
-  entropy = -jnp.sum(probs * safe, axis=-1)
-  varentropy = jnp.sum(probs * jnp.square(safe + entropy[..., None]), axis=-1)
+  entropy = -vocab_sum(probs * safe)
+  varentropy = vocab_sum(probs * jnp.square(safe + entropy[..., None]))
   return entropy, varentropy
 
 

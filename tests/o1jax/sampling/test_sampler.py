@@ -267,3 +267,24 @@ def test_inverse_cdf_draw_never_picks_zero_mass():
   assert set(draws[:, 0]) == {0, 255, 256, 999} and set(draws[:, 1]) == {511} and set(draws[:, 2]) == {300, 301}
   np.testing.assert_allclose(np.bincount(draws[:, 0], minlength=V)[[0, 255, 256, 999]] / 2000,
                              [0.1, 0.2, 0.3, 0.4], atol=0.04)
+
+
+def test_vocabulary_statistics_equal_numpy_with_masked_tokens():
+  """log-softmax, entropy and varentropy (sums taken as matrix-vector products) against float64 numpy, on rows
+  with top-k-style masked (-inf) entries and on leading batch axes."""
+  from o1jax.sampling import statistics
+  rng = np.random.default_rng(0)
+  logits = (rng.standard_normal((2, 3, 1000)) * 4).astype(np.float32)
+  logits[0, 1, rng.permutation(1000)[:900]] = -np.inf
+  log_probs = np.asarray(statistics.log_softmax(jax.numpy.asarray(logits)))
+  shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+  expected = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  assert np.array_equal(np.isinf(log_probs), np.isinf(logits))
+  finite = np.isfinite(logits)
+  np.testing.assert_allclose(log_probs[finite], expected[finite], atol=2e-5)
+  entropy, varentropy = statistics.entropy_and_varentropy(jax.numpy.asarray(log_probs))
+  p = np.exp(expected)
+  safe = np.where(p > 0, expected, 0.0)
+  h = -(p * safe).sum(-1)
+  np.testing.assert_allclose(entropy, h, atol=2e-5)
+  np.testing.assert_allclose(varentropy, (p * (safe + h[..., None]) ** 2).sum(-1), atol=1e-4)
