@@ -19,6 +19,9 @@ throughput any sampler could reach here:
   reach, given our prefill. roof_bound_ratio_vs_hf replaces our prefill by its matmul floor (prompt tokens x 2 x
   non-embedding parameters at this machine's best matmul rate for that many rows): no fp32 sampler built on
   XLA:CPU's dots could beat it here.
+  - kv_stream_ms: one read of the keys and values a decode step attends to (the roof counts weights only, but at
+    batch 64 the fp32 cache of ~160 positions is as many bytes as the weights). kv_bound_* add it to each decode
+    step of the roof bound.
 """
 
 from __future__ import annotations
@@ -89,6 +92,29 @@ def weight_stream_seconds(weights, rows: int, repeats: int = 5) -> float:
   return min(times)
 
 
+def kv_stream_seconds(config, rows: int, repeats: int = 5) -> float:
+  """Best time to read, once, the keys and values a decode step must attend to, averaged over the steps.
+
+  Step j of a sample attends to PROMPT_LEN + j cached positions in every layer; any exact fp32 attention reads
+  each of them (K and V, every kv head) at least once. Each layer's K and V of the mean length PROMPT_LEN +
+  (NEW_TOKENS - 1) / 2 are summed by a matrix-vector product (XLA:CPU's fastest streaming read) over distinct
+  buffers, so nothing stays in cache between layers.
+  """
+  slots = PROMPT_LEN + (NEW_TOKENS - 1) // 2
+  shape = (rows * config.num_kv_heads * slots, config.head_dim)
+  buffers = [jnp.full(shape, 1e-3, jnp.float32) + i for i in range(2 * config.num_layers)]
+  ones = jnp.ones((config.head_dim,), jnp.float32)
+  run = jax.jit(lambda buffers: sum(jnp.sum(b @ ones) for b in buffers))
+  run(buffers).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run(buffers).block_until_ready()
+    times.append(time.perf_counter() - start)
+  del buffers
+  return min(times)
+
+
 def best_time(fn, repeats: int) -> float:
   fn()  # warm-up (compiles)
   times = []
@@ -144,9 +170,11 @@ def main() -> None:
     body_params = params_count - model.config.vocab_size * model.config.d_model
     prefill_floor_s = batch * PROMPT_LEN * 2 * body_params / matmul_flops_per_s(min(batch * PROMPT_LEN, 2048))
     roof_bound = batch * NEW_TOKENS / (prefill_floor_s + NEW_TOKENS * stream_s)
+    kv_s = kv_stream_seconds(model.config, batch)
+    kv_bound = batch * NEW_TOKENS / (prefill_floor_s + NEW_TOKENS * (stream_s + kv_s))
     rows.append(dict(batch=batch, o1jax=batch * NEW_TOKENS / ours_s, hf=batch * NEW_TOKENS / theirs_s, roof=roof,
                      prefill_s=prefill_s, stream_ms=stream_s * 1e3, bound=bound, roof_bound=roof_bound,
-                     prefill_floor_s=prefill_floor_s,
+                     prefill_floor_s=prefill_floor_s, kv_ms=kv_s * 1e3, kv_bound=kv_bound,
                      step_ms=(ours_s - prefill_s) / NEW_TOKENS * 1e3))
 
   print(f"{'batch':>6s}{'o1jax tok/s':>14s}{'hf tok/s':>12s}{'ratio':>8s}{'roof tok/s':>12s}{'o1jax/roof':>12s}"
@@ -160,11 +188,12 @@ def main() -> None:
                    f"ratio_vs_hf_b{b}": round(r["o1jax"] / r["hf"], 3), f"roof_tok_s_b{b}": round(r["roof"], 1),
                    f"roof_fraction_b{b}": round(r["o1jax"] / r["roof"], 3)})
   print(f"\n{'batch':>6s}{'prefill s':>11s}{'decode step ms':>16s}{'weight stream ms':>18s}{'bound tok/s':>13s}"
-        f"{'bound / hf':>12s}{'bound / roof':>14s}{'prefill floor s':>17s}{'roof bound / hf':>17s}")
+        f"{'bound / hf':>12s}{'bound / roof':>14s}{'prefill floor s':>17s}{'roof bound / hf':>17s}"
+        f"{'kv stream ms':>14s}{'+kv bound / roof':>18s}")
   for r in rows:
     print(f"{r['batch']:6d}{r['prefill_s']:11.2f}{r['step_ms']:16.1f}{r['stream_ms']:18.1f}{r['bound']:13.1f}"
           f"{r['bound'] / r['hf']:12.2f}{r['bound'] / r['roof']:14.2f}{r['prefill_floor_s']:17.2f}"
-          f"{r['roof_bound'] / r['hf']:17.2f}")
+          f"{r['roof_bound'] / r['hf']:17.2f}{r['kv_ms']:14.1f}{r['kv_bound'] / r['roof']:18.2f}")
     b = r["batch"]
     result.update({f"prefill_s_b{b}": round(r["prefill_s"], 2), f"decode_step_ms_b{b}": round(r["step_ms"], 1),
                    f"weight_stream_ms_b{b}": round(r["stream_ms"], 1), f"bound_tok_s_b{b}": round(r["bound"], 1),
@@ -172,7 +201,10 @@ def main() -> None:
                    f"bound_roof_fraction_b{b}": round(r["bound"] / r["roof"], 3),
                    f"prefill_floor_s_b{b}": round(r["prefill_floor_s"], 2),
                    f"roof_bound_ratio_vs_hf_b{b}": round(r["roof_bound"] / r["hf"], 3),
-                   f"roof_bound_roof_fraction_b{b}": round(r["roof_bound"] / r["roof"], 3)})
+                   f"roof_bound_roof_fraction_b{b}": round(r["roof_bound"] / r["roof"], 3),
+                   f"kv_stream_ms_b{b}": round(r["kv_ms"], 1),
+                   f"kv_bound_ratio_vs_hf_b{b}": round(r["kv_bound"] / r["hf"], 3),
+                   f"kv_bound_roof_fraction_b{b}": round(r["kv_bound"] / r["roof"], 3)})
   print(json.dumps(result))
 
 
