@@ -7,6 +7,9 @@ correct and corrupted GSM8K-train steps (and right / wrong conclusions) after th
 value loss, the cross-entropy over the two rating logits at `<start_of_rating>`. The bottom layers stay frozen, so
 a step costs their forward only; every record is a full rating prompt, as the search sends it. Resumable like the
 format run; at the end it writes its own adapter, which configs/smollm2_gsm8k.py loads.
+
+The committed adapter: 300 steps (about 95 minutes on the 2-core CPU VM), held-out rating loss 0.69 -> 0.48;
+step-format rate 0.965 and step rating ROC AUC 0.72 on 200 GSM8K test problems (launch.evaluate_format).
 """
 
 import ml_collections
