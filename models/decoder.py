@@ -158,12 +158,14 @@ def _block(x: jax.Array, w: Weights, *, config: DecoderConfig, cos: jax.Array, s
     w: this layer's weights (see `weight_shapes`, without the L axis).
     cos, sin: [B, T, 1, H // 2] rotary angles.
     mask: [B, T, S] the layer's attention mask (sliding or full).
-    kv: this layer's cache buffers ([B, K, S, H] each), or None to attend within the block only.
+    kv: this layer's cache buffers (keys [B, K, H, S], values [B, K, S, H]), or None to attend within the block
+      only.
     end: the cache slot where this block's keys and values go.
 
   Returns:
     x: [B, T, D].
-    (k, v): the layer's updated cache buffers, or the block's own keys and values ([B, K, T, H]) without a cache.
+    (k, v): the layer's updated cache buffers, or the block's own keys [B, K, H, T] and values [B, K, T, H]
+      without a cache.
   """
   c = config
   dtype = x.dtype
@@ -178,10 +180,10 @@ def _block(x: jax.Array, w: Weights, *, config: DecoderConfig, cos: jax.Array, s
   qkv = jnp.einsum("BTD,DNH->BTNH", h, w["qkv"])
   q, k, v = jnp.split(qkv, [c.num_heads, c.num_heads + c.num_kv_heads], axis=2)
   q = rope.apply_rope(q, cos, sin)
-  k = rope.apply_rope(k, cos, sin).transpose(0, 2, 1, 3)  # [B, K, T, H]
-  v = v.transpose(0, 2, 1, 3)
+  k = rope.apply_rope(k, cos, sin).transpose(0, 2, 3, 1)  # [B, K, H, T]
+  v = v.transpose(0, 2, 1, 3)  # [B, K, T, H]
   if kv is not None:
-    k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, 0, end, 0))
+    k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, 0, 0, end))
     v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, 0, end, 0))
   a = attention.attend(q, k, v, mask, scale=c.query_scale, softcap=c.attn_logit_softcap)
   # Contract heads as one [N * H] axis: a free reshape of both operands, where the two-axis contraction made
