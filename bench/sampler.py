@@ -83,13 +83,7 @@ def weight_stream_seconds(weights, rows: int, repeats: int = 5) -> float:
 
   run = jax.jit(one_pass)
   x = jnp.ones((rows, weights["embed"].shape[1]), jnp.float32) * 1e-3
-  run(x, weights).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run(x, weights).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return min(times)
+  return best_time(lambda: run(x, weights).block_until_ready(), repeats)
 
 
 def kv_stream_seconds(config, rows: int, repeats: int = 5) -> float:
@@ -105,14 +99,7 @@ def kv_stream_seconds(config, rows: int, repeats: int = 5) -> float:
   buffers = [jnp.full(shape, 1e-3, jnp.float32) + i for i in range(2 * config.num_layers)]
   ones = jnp.ones((config.head_dim,), jnp.float32)
   run = jax.jit(lambda buffers: sum(jnp.sum(b @ ones) for b in buffers))
-  run(buffers).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run(buffers).block_until_ready()
-    times.append(time.perf_counter() - start)
-  del buffers
-  return min(times)
+  return best_time(lambda: run(buffers).block_until_ready(), repeats)
 
 
 def best_time(fn, repeats: int) -> float:

@@ -189,8 +189,10 @@ class OptimizerConfig:
 
   def schedule(self) -> optax.Schedule:
     """Warmup + cosine over [0, total_steps); with restarts, one such cycle per phase between the restarts."""
+    if self.total_steps < 1:
+      raise ValueError(f"total_steps={self.total_steps} must be at least 1.")
     bounds = (0, *self.restarts, self.total_steps)
-    if any(b >= a for a, b in zip(bounds[1:], bounds)) or self.total_steps <= 0:
+    if any(b >= a for a, b in zip(bounds[1:], bounds)):
       raise ValueError(f"optimizer restarts {tuple(self.restarts)} must rise strictly inside (0, total_steps="
                        f"{self.total_steps}).")
     cycles = [optax.warmup_cosine_decay_schedule(
