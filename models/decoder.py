@@ -104,11 +104,24 @@ def positions_from_mask(valid: jax.Array, start: jax.Array | int = 0) -> jax.Arr
     valid: [B, T] bool, True for real tokens.
     start: [B] or scalar, the position the first real token of each row takes.
   """
-  valid = valid.astype(jnp.int32)
   start = jnp.asarray(start, jnp.int32)
   if start.ndim == 1:
     start = start[:, None]
-  return jnp.where(valid > 0, start + jnp.cumsum(valid, axis=1) - 1, -1)
+  # The running count comes from two products with triangular matrices of ones (within chunks of 128 tokens,
+  # then across chunks), not from a cumsum: XLA:CPU lowers a cumsum to a reduce-window tree whose last stage it
+  # fuses, with per-element index arithmetic, into every consumer, and every layer's attention mask consumes the
+  # positions (1 s of a 64 x 128-token SmolLM2 prefill). A product's result is materialised once. Exact: the
+  # terms are 0 or 1 and the sums stay far below 2^24.
+  B, T = valid.shape
+  chunk = min(T, 128)
+  chunks = -(-T // chunk)
+  ones = lambda n, k: jnp.triu(jnp.ones((n, n), jnp.float32), k)
+  exact = jax.lax.Precision.HIGHEST
+  v = jnp.pad(valid.astype(jnp.float32), ((0, 0), (0, chunks * chunk - T))).reshape(B, chunks, chunk)
+  within = jnp.dot(v, ones(chunk, 0), precision=exact)  # real tokens up to each one, inside its chunk
+  before = jnp.dot(within[..., -1], ones(chunks, 1), precision=exact)  # real tokens in the earlier chunks
+  count = (within + before[..., None]).reshape(B, chunks * chunk)[:, :T].astype(jnp.int32)
+  return jnp.where(valid, start + count - 1, -1)
 
 
 def fuse_projections(layer: Weights) -> dict[str, Any]:
@@ -200,7 +213,7 @@ def _block(x: jax.Array, w: Weights, *, config: DecoderConfig, cos: jax.Array, s
 
 
 def forward(weights: Weights, tokens: jax.Array, positions: jax.Array, *, config: DecoderConfig,
-            cache: attention.KVCache | None = None, frozen_layers: int = 0
+            cache: attention.KVCache | None = None, frozen_layers: int = 0, new_cache_slots: int | None = None
             ) -> tuple[jax.Array, attention.KVCache | None]:
   """Runs the decoder body over a block of tokens.
 
@@ -212,21 +225,33 @@ def forward(weights: Weights, tokens: jax.Array, positions: jax.Array, *, config
   Args:
     weights: see `weight_shapes`; "layers" stacked, or a tuple of per-layer dicts (`unstack_layers`).
     tokens: [B, T] int32.
-    positions: [B, T] int32 position of each token, -1 for padding (see `positions_from_mask`).
+    positions: [B, T] int32 position of each token, -1 for padding (see `positions_from_mask`). With a cache (or
+      new_cache_slots) every real position must be below the cache's slot count, as positions counted from
+      masks are.
     config: the decoder's config (static).
     cache: the cache to extend; the caller guarantees cache.end + T <= S.
     frozen_layers: without a cache, the first this many layers (and the embedding) run as a separate scan whose
       output is under `stop_gradient`, so a backward pass only runs through the layers above it (training
       the top of the model costs a forward of the bottom and nothing more).
+    new_cache_slots: without a cache, return a new cache of this many slots (>= T) holding the block in slots
+      [0, T). The block attends to itself only, not to the empty slots after it, and runs the per-layer loop
+      of the cached path (pass `unstack_layers(weights)`).
 
   Returns:
     hidden: [B, T, D] final-normed activations in config.dtype (feed to `head_logits`).
     cache: the updated cache, or None.
   """
   c = config
+  if new_cache_slots is not None:
+    if cache is not None:
+      raise ValueError("new_cache_slots builds a cache from scratch; it cannot extend a given cache.")
+    if new_cache_slots < tokens.shape[1]:
+      raise ValueError(f"new_cache_slots={new_cache_slots} cannot hold a block of {tokens.shape[1]} tokens.")
   dtype = jnp.dtype(c.dtype)
   inv_freq = rope.inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
-  cos, sin = rope.rotary_angles(positions, inv_freq, dtype)
+  # With a cache (or building one) positions are counted from masks and bounded by the slots: tabulate them.
+  num_positions = cache.num_slots if cache is not None else new_cache_slots
+  cos, sin = rope.rotary_angles(positions, inv_freq, dtype, num_positions=num_positions)
   x = L.embed(tokens, weights["embed"], dtype=dtype, scale_by_sqrt_dim=c.is_gemma)
   windows = c.layer_windows()
   key_positions = positions if cache is None else jax.lax.dynamic_update_slice(
@@ -236,7 +261,7 @@ def forward(weights: Weights, tokens: jax.Array, positions: jax.Array, *, config
                 if c.sliding_window is not None else None)
   block = functools.partial(_block, config=c, cos=cos, sin=sin)
 
-  if cache is None:
+  if cache is None and new_cache_slots is None:
     is_sliding = jnp.asarray([w is not None for w in windows])
 
     def scan_body(x, scanned):
@@ -264,12 +289,21 @@ def forward(weights: Weights, tokens: jax.Array, positions: jax.Array, *, config
   new_k, new_v = [], []
   for l, window in enumerate(windows):
     mask = slide_mask if window is not None else full_mask
-    x, (k, v) = block(x, per_layer[l], mask=mask, kv=(cache.k[l], cache.v[l]), end=cache.end)
+    kv = None if cache is None else (cache.k[l], cache.v[l])
+    x, (k, v) = block(x, per_layer[l], mask=mask, kv=kv, end=None if cache is None else cache.end)
     new_k.append(k)
     new_v.append(v)
   x = L.rms_norm(x, weights["final_norm"], eps=c.rms_norm_eps, plus_one=c.is_gemma)
-  return x, attention.KVCache(k=tuple(new_k), v=tuple(new_v), positions=key_positions,
-                              end=cache.end + tokens.shape[1])
+  if cache is not None:
+    return x, attention.KVCache(k=tuple(new_k), v=tuple(new_v), positions=key_positions,
+                                end=cache.end + tokens.shape[1])
+  # A new cache: the block's own keys and values, followed by empty slots.
+  empty = new_cache_slots - tokens.shape[1]
+  return x, attention.KVCache(
+      k=tuple(jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, empty))) for k in new_k),
+      v=tuple(jnp.pad(v, ((0, 0), (0, 0), (0, empty), (0, 0))) for v in new_v),
+      positions=jnp.pad(positions.astype(jnp.int32), ((0, 0), (0, empty)), constant_values=-1),
+      end=jnp.asarray(tokens.shape[1], jnp.int32))
 
 
 def head_logits(weights: Weights, hidden: jax.Array, *, config: DecoderConfig) -> jax.Array:
@@ -325,13 +359,11 @@ def prefill(weights: Weights, tokens: jax.Array, valid: jax.Array, *, config: De
 
   Returns:
     logits: [B, V] float32 at each row's last real token.
-    cache: [L, B, S, ...] with slots [0, T) written.
+    cache: num_slots slots with [0, T) written (the prompt tokens attend within their own row's prompt, never to
+      the empty slots).
   """
   B, T = tokens.shape
-  cache = attention.KVCache.empty(num_layers=config.num_layers, batch_size=B, num_slots=num_slots,
-                                  num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-                                  dtype=jnp.dtype(config.dtype))
-  hidden, cache = forward(weights, tokens, positions_from_mask(valid), config=config, cache=cache)
+  hidden, cache = forward(weights, tokens, positions_from_mask(valid), config=config, new_cache_slots=num_slots)
   last = jnp.sum(valid.astype(jnp.int32), axis=1) - 1
   return head_logits(weights, hidden[jnp.arange(B), last], config=config), cache
 

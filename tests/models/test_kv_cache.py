@@ -1,6 +1,7 @@
 """Prefill + token-by-token decode through the KV cache equals one full forward, padding included."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -65,3 +66,16 @@ def test_extend_rejects_a_block_that_does_not_fit():
   cache = model.init_cache(1, 4)
   with pytest.raises(ValueError, match="does not fit"):
     model.extend(cache, np.zeros((1, 5), np.int32))
+
+
+@pytest.mark.parametrize("length", [1, 7, 128, 300])
+def test_positions_from_mask_equal_a_running_count(length):
+  """Positions across several 128-token chunks (the count runs on over chunk borders), any mask, per-row start."""
+  rng = np.random.default_rng(length)
+  valid = rng.random((3, length)) < 0.7
+  start = np.array([0, 5, 1000], np.int32)
+  expected = np.where(valid, start[:, None] + np.cumsum(valid, axis=1) - 1, -1)
+  np.testing.assert_array_equal(np.asarray(decoder.positions_from_mask(jnp.asarray(valid), jnp.asarray(start))),
+                                expected)
+  np.testing.assert_array_equal(np.asarray(decoder.positions_from_mask(jnp.asarray(valid))),
+                                np.where(valid, np.cumsum(valid, axis=1) - 1, -1))
