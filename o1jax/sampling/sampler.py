@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from models import attention, decoder
-from o1jax import parallel
+from o1jax import parallel, xla_flags
 from o1jax.sampling import statistics
 from o1jax.sampling.buckets import Buckets, pad_rows
 
@@ -185,8 +185,6 @@ def _inverse_cdf_draw(probs: jax.Array, key: jax.Array) -> jax.Array:
   return (chunk * _CHUNK + index).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new", "greedy", "plain", "top_k", "use_top_p"),
-                   donate_argnames=("cache",))
 def _decode(weights, cache: attention.KVCache, logits: jax.Array, stop_ids: jax.Array, live: jax.Array,
             rng: jax.Array, temperature: jax.Array, top_p: jax.Array, *, config, max_new: int, greedy: bool,
             plain: bool, top_k: int, use_top_p: bool) -> dict[str, Any]:
@@ -262,6 +260,13 @@ def _decode(weights, cache: attention.KVCache, logits: jax.Array, stop_ids: jax.
              step_varentropy=statistics.step_means(s["varentropy"], s["lengths"]),
              cache=cache, logits=s["logits"])
   return out
+
+
+@functools.cache
+def _decode_program(backend: str):
+  """`_decode` jitted for `backend`, with that back end's decode compiler options (see `xla_flags`)."""
+  return jax.jit(_decode, static_argnames=("config", "max_new", "greedy", "plain", "top_k", "use_top_p"),
+                 donate_argnames=("cache",), compiler_options=xla_flags.decode_compiler_options(backend))
 
 
 def rating_values(logits: jax.Array, positive_id: int, negative_id: int) -> jax.Array:
@@ -391,7 +396,7 @@ class Sampler:
     live = np.arange(B) < len(rows)
     stop_ids, live = self._put((stop_ids, live))
     rng = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
-    out = _decode(self.weights, forked.cache, forked.logits, stop_ids, live, rng,
+    out = _decode_program(jax.default_backend())(self.weights, forked.cache, forked.logits, stop_ids, live, rng,
                   jnp.float32(max(params.temperature, 1e-6)), jnp.float32(params.top_p), config=self.config,
                   max_new=max_new, greedy=params.is_greedy, top_k=params.top_k, use_top_p=params.top_p < 1,
                   plain=params.temperature == 1 and params.top_k == 0 and params.top_p == 1)
