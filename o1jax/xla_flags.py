@@ -7,11 +7,12 @@ keeps up with PyTorch/MKL (bench/forward.py). The flags only touch the CPU back 
 Call `configure_cpu()` at the top of a program, before anything imports jax: XLA reads XLA_FLAGS once, when the
 first backend starts, and a later change would be silently ignored, so that case raises instead.
 
-One program differs: the sampler's decode loop, whose matmuls have a few rows each (one token per sample) and
+One program differs: the sampler's decode loop at 64 rows or more, whose matmuls have one token per sample and
 whose reductions run over tiny [rows, heads, slots] score blocks. It is compiled with YNNPACK's dot and reduce
 fusions (`decode_compiler_options`, passed to that one `jax.jit`), which took SmolLM2's decode step at 64 rows from
-about 265 to 190-230 ms (back-to-back runs on the 2-core VM). The same fusions made the prefill (8k rows per
-matmul) 30% slower, which is why they are per program and not in CPU_FLAGS.
+about 265 to 190-250 ms (back-to-back runs on the 2-core VM). The same fusions made the decode step at 16 rows
+about 8% slower and the prefill (8k rows per matmul) 30% slower, which is why they are per program and not in
+CPU_FLAGS.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 CPU_FLAGS = ("--xla_cpu_use_onednn=true", "--xla_cpu_experimental_ynn_fusion_type=")
 YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 DECODE_YNN_FUSIONS = "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+DECODE_YNN_MIN_ROWS = 64  # measured faster at 64 rows, slower at 16
 
 
 def configure_cpu(flags: tuple[str, ...] = CPU_FLAGS) -> str:
@@ -42,13 +44,14 @@ def configure_cpu(flags: tuple[str, ...] = CPU_FLAGS) -> str:
   return os.environ["XLA_FLAGS"]
 
 
-def decode_compiler_options(backend: str) -> dict[str, str] | None:
-  """`jax.jit(compiler_options=...)` for the decode loop on `backend` (None: compile it like everything else).
+def decode_compiler_options(backend: str, rows: int) -> dict[str, str] | None:
+  """`jax.jit(compiler_options=...)` for a decode loop of `rows` rows on `backend` (None: compile it like the rest).
 
-  Only the CPU back end gets options, and none when the user's XLA_FLAGS already choose the YNN fusions.
+  Only the CPU back end gets options, only from DECODE_YNN_MIN_ROWS rows, and none when the user's XLA_FLAGS
+  already choose the YNN fusions.
   """
   user_flags = os.environ.get("XLA_FLAGS", "").split()
   user_chose = any(f.split("=")[0] == "--" + YNN_FUSION_OPTION for f in user_flags if f not in CPU_FLAGS)
-  if backend != "cpu" or user_chose:
+  if backend != "cpu" or rows < DECODE_YNN_MIN_ROWS or user_chose:
     return None
   return {YNN_FUSION_OPTION: DECODE_YNN_FUSIONS}

@@ -263,10 +263,10 @@ def _decode(weights, cache: attention.KVCache, logits: jax.Array, stop_ids: jax.
 
 
 @functools.cache
-def _decode_program(backend: str):
-  """`_decode` jitted for `backend`, with that back end's decode compiler options (see `xla_flags`)."""
+def _decode_program(backend: str, rows: int):
+  """`_decode` jitted for `backend` and a batch of `rows`, with their decode compiler options (see `xla_flags`)."""
   return jax.jit(_decode, static_argnames=("config", "max_new", "greedy", "plain", "top_k", "use_top_p"),
-                 donate_argnames=("cache",), compiler_options=xla_flags.decode_compiler_options(backend))
+                 donate_argnames=("cache",), compiler_options=xla_flags.decode_compiler_options(backend, rows))
 
 
 def rating_values(logits: jax.Array, positive_id: int, negative_id: int) -> jax.Array:
@@ -396,7 +396,7 @@ class Sampler:
     live = np.arange(B) < len(rows)
     stop_ids, live = self._put((stop_ids, live))
     rng = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
-    out = _decode_program(jax.default_backend())(self.weights, forked.cache, forked.logits, stop_ids, live, rng,
+    out = _decode_program(jax.default_backend(), B)(self.weights, forked.cache, forked.logits, stop_ids, live, rng,
                   jnp.float32(max(params.temperature, 1e-6)), jnp.float32(params.top_p), config=self.config,
                   max_new=max_new, greedy=params.is_greedy, top_k=params.top_k, use_top_p=params.top_p < 1,
                   plain=params.temperature == 1 and params.top_k == 0 and params.top_p == 1)

@@ -30,18 +30,19 @@ def test_merges_with_user_flags_before_jax_starts():
   assert out[1] == "3.0"
 
 
-def test_decode_options_only_on_cpu_and_only_when_the_user_chose_none(monkeypatch):
+def test_decode_options_only_on_cpu_from_64_rows_and_only_when_the_user_chose_none(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_onednn=true --xla_cpu_experimental_ynn_fusion_type=")
-  assert xla_flags.decode_compiler_options("cpu") == {
+  assert xla_flags.decode_compiler_options("cpu", 64) == {
       "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
-  assert xla_flags.decode_compiler_options("tpu") is None
-  assert xla_flags.decode_compiler_options("gpu") is None
+  assert xla_flags.decode_compiler_options("cpu", 16) is None
+  assert xla_flags.decode_compiler_options("tpu", 64) is None
+  assert xla_flags.decode_compiler_options("gpu", 64) is None
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
-  assert xla_flags.decode_compiler_options("cpu") is None
+  assert xla_flags.decode_compiler_options("cpu", 64) is None
 
 
 def test_decode_options_compile_into_ynn_fusions():
   """The option names an enum of this jaxlib's XLA; a renamed one would fail here, not in a user's first decode."""
-  f = jax.jit(lambda q, k: q @ k, compiler_options=xla_flags.decode_compiler_options("cpu"))
+  f = jax.jit(lambda q, k: q @ k, compiler_options=xla_flags.decode_compiler_options("cpu", 64))
   text = f.lower(jax.numpy.ones((4, 8)), jax.numpy.ones((8, 16))).compile().as_text()
   assert "ynn_fusion" in text

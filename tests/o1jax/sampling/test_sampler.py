@@ -8,7 +8,7 @@ import torch
 
 import reference_models as ref
 from models import hf_io
-from o1jax import parallel
+from o1jax import parallel, xla_flags
 from o1jax.sampling.buckets import Buckets
 from o1jax.sampling.sampler import Sampler, SamplingParams
 
@@ -84,6 +84,23 @@ def test_recorded_statistics_equal_a_transformers_forward(sampler, models):
     assert samples.step_entropy[r] == pytest.approx(entropy.mean(), abs=1e-4)
     # The sampling distribution (temperature 1.3, top-40) differs from the model's.
     assert not np.allclose(samples.sampling_log_probs[r, :n], model_lp, atol=1e-3)
+
+
+def test_64_rows_decode_equals_a_transformers_forward(sampler, models):
+  """At 64 rows the CPU decode loop is compiled with other matmul fusions (`xla_flags.decode_compiler_options`)."""
+  assert jax.default_backend() != "cpu" or xla_flags.decode_compiler_options("cpu", 64) is not None
+  reference, model = models
+  batch_prompts = prompts(model.config.vocab_size, [3, 5, 7, 9, 11, 13, 4, 6] * 2, seed=2)
+  samples = sampler.sample(sampler.prefill(batch_prompts, reserve=16), k=4, stop=[], max_new_tokens=12,
+                           params=SamplingParams(temperature=1.0), seed=3)
+  assert samples.tokens.shape == (64, 16)
+  for r in (0, 21, 42, 63):
+    prompt = batch_prompts[r // 4]
+    n = samples.lengths[r]
+    sequence = np.array([prompt + samples.tokens[r, :n].tolist()])
+    log_probs = ref.log_probs(reference, sequence)[0, len(prompt) - 1:len(prompt) - 1 + n]
+    np.testing.assert_allclose(samples.model_log_probs[r, :n], log_probs[np.arange(n), samples.tokens[r, :n]],
+                               atol=1e-4)
 
 
 def test_sampling_log_probs_follow_temperature_and_top_k(sampler, models):
