@@ -396,10 +396,11 @@ class Sampler:
     live = np.arange(B) < len(rows)
     stop_ids, live = self._put((stop_ids, live))
     rng = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
-    out = _decode_program(jax.default_backend(), B)(self.weights, forked.cache, forked.logits, stop_ids, live, rng,
-                  jnp.float32(max(params.temperature, 1e-6)), jnp.float32(params.top_p), config=self.config,
-                  max_new=max_new, greedy=params.is_greedy, top_k=params.top_k, use_top_p=params.top_p < 1,
-                  plain=params.temperature == 1 and params.top_k == 0 and params.top_p == 1)
+    decode = _decode_program(jax.default_backend(), B)
+    out = decode(self.weights, forked.cache, forked.logits, stop_ids, live, rng,
+                 jnp.float32(max(params.temperature, 1e-6)), jnp.float32(params.top_p), config=self.config,
+                 max_new=max_new, greedy=params.is_greedy, top_k=params.top_k, use_top_p=params.top_p < 1,
+                 plain=params.temperature == 1 and params.top_k == 0 and params.top_p == 1)
     n = len(rows)
     host = {name: np.asarray(out[name])[:n] for name in (
         "tokens", "lengths", "stopped", "sampling_log_probs", "model_log_probs", "entropy", "varentropy",
