@@ -41,8 +41,10 @@ def test_decode_options_only_on_cpu_from_64_rows_and_only_when_the_user_chose_no
   assert xla_flags.decode_compiler_options("cpu", 64) is None
 
 
-def test_decode_options_compile_into_ynn_fusions():
-  """The option names an enum of this jaxlib's XLA; a renamed one would fail here, not in a user's first decode."""
-  f = jax.jit(lambda q, k: q @ k, compiler_options=xla_flags.decode_compiler_options("cpu", 64))
-  text = f.lower(jax.numpy.ones((4, 8)), jax.numpy.ones((8, 16))).compile().as_text()
-  assert "ynn_fusion" in text
+def test_decode_options_name_valid_enums_of_this_jaxlib():
+  """XLA validates option values at compile time: a renamed fusion type fails here, not in a user's first decode."""
+  options = xla_flags.decode_compiler_options("cpu", 64)
+  args = (jax.numpy.ones((4, 8)), jax.numpy.ones((8, 16)))
+  jax.jit(lambda q, k: q @ k, compiler_options=options).lower(*args).compile()
+  with pytest.raises(Exception, match="not a valid enum value"):
+    jax.jit(lambda q, k: q @ k, compiler_options={xla_flags.YNN_FUSION_OPTION: "dot"}).lower(*args).compile()
