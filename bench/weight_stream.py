@@ -1,7 +1,7 @@
 """The decode step's matmul floor: one pass of a few rows through SmolLM2-135M's fp32 weights, on every XLA:CPU
 matmul back end and in torch, against this machine's memory and compute floors.
 
-  .venv/bin/python bench/weight_stream.py [--quick] [--rows 1,16,64]
+  .venv/bin/python bench/weight_stream.py [--quick] [--rows 16,64]
 
 A decode step multiplies `rows` activations (one new token per sample) by every weight matrix of the model: the
 fused q/k/v, output, gate/up and down projections of each layer, then the vocabulary head. `bench/sampler.py`
@@ -28,10 +28,10 @@ torch at 16 rows, "floor_fraction_b16": max(memory, compute) floor over the best
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,6 +43,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.forward import interleaved_best  # noqa: E402
 from models import presets  # noqa: E402
 
 YNN_DOT = {xla_flags.YNN_FUSION_OPTION: "LIBRARY_FUSION_TYPE_DOT", "xla_cpu_use_onednn": False}
@@ -111,29 +112,19 @@ def best_matmul_flops(repeats: int) -> float:
     b = jnp.ones((k, n), jnp.float32)
     for options in (None, {"xla_cpu_use_onednn": False}):
       f = jax.jit(lambda a, b: a @ b, compiler_options=options)
-      t = min_time(lambda: f(a, b).block_until_ready(), repeats)
+      t, = interleaved_best([lambda: f(a, b).block_until_ready()], repeats)
       best = max(best, 2 * 2048 * k * n / t)
   return best
-
-
-def min_time(fn, repeats: int) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="3 interleaved rounds instead of 5")
-  parser.add_argument("--rows", default="1,16,64")
+  parser.add_argument("--rows", default="16,64", help="row counts to run besides 1 (always run: the memory floor)")
   args = parser.parse_args()
   rounds = 3 if args.quick else 5
-  rows_list = [int(r) for r in args.rows.split(",")]
-  if any(r < 1 for r in rows_list):
+  rows_list = sorted({1, *(int(r) for r in args.rows.split(","))})
+  if rows_list[0] < 1:
     raise ValueError(f"--rows must be positive row counts; got {args.rows!r}.")
 
   weights = {t: smollm2_weights(t) for t in (False, True)}
@@ -145,16 +136,12 @@ def main() -> None:
       "head"].size
   peak = best_matmul_flops(rounds)
 
-  times = {}  # (rows, backend) -> best ms over interleaved rounds
+  times = {}  # (rows, backend) -> best ms over rounds that alternate the back ends (the same machine load)
   for rows in rows_list:
     x = np.random.default_rng(rows).standard_normal((rows, c.d_model), np.float32)
-    for run in runners.values():
-      run(x)  # compile / warm up
-    for _ in range(rounds):
-      for name, run in runners.items():  # interleaved: every back end sees the same machine load
-        t = min_time(lambda: run(x), 1) * 1e3
-        times[rows, name] = min(times.get((rows, name), float("inf")), t)
-  memory_ms = min(times[1, name] for name in runners) if 1 in rows_list else float("nan")
+    best = interleaved_best([functools.partial(run, x) for run in runners.values()], rounds)
+    times.update({(rows, name): t * 1e3 for name, t in zip(runners, best)})
+  memory_ms = min(times[1, name] for name in runners)
 
   names = list(runners)
   print(f"SmolLM2-135M decode-step weight pass, fp32, {matrix_params / 1e6:.1f}M matrix parameters "
