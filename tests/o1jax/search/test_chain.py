@@ -99,6 +99,29 @@ def test_chain_by_hand():
   assert {reserve for _, _, reserve in sampler.calls} == {32 + 16}
 
 
+def test_a_repeated_step_forces_the_conclusion_next():
+  steps = [
+      "He runs 60/3=<<60/3=10>>10 meters.<end_of_thought>",   # 0
+      " He runs 60/3=<<60/3=10>>10 meters. <end_of_thought>",  # 1: step 0 again, up to surrounding space
+      "He runs 3*3=<<3*3=9>>9 sprints.<end_of_thought>",       # 2
+      " So the answer is \\boxed{10}<end_of_thought>",        # 3
+  ]
+  tokenizer = _Tokenizer(steps)
+  # A: 0, 1 (repeats 0) -> round 3 is A's conclusion. B: 0, 2, 2 (repeats 2) -> round 4 is B's conclusion,
+  # although max_steps leaves room for 6 rounds.
+  script = [[0, 0], [1, 2], [3, 2], [3]]
+  sampler = _Sampler(script=script, values=[[-0.5] * len(r) for r in script])
+  a, b = chain.solve(sampler, tokenizer, ["A?", "B?"], max_steps=6, max_new_tokens=32)
+
+  assert [n.meta for n in a.nodes] == ["<problem>", "", "", "<conclusion>"] and a.finished == "conclusion"
+  assert [n.meta for n in b.nodes] == ["<problem>", "", "", "", "<conclusion>"] and b.finished == "conclusion"
+  assert sampler.round == 4  # no fifth or sixth round
+  # Round 3 prompted A with the conclusion header and B without it.
+  round3 = tokenizer.prompts[4:6]
+  assert round3[0].endswith("<start_of_thought><conclusion>") and thoughts.CONCLUSION_HINT in round3[0]
+  assert round3[1].endswith("<start_of_thought>") and thoughts.CONCLUSION_HINT not in round3[1]
+
+
 def test_max_steps_must_be_positive():
   with pytest.raises(ValueError, match="max_steps=0 must be >= 1"):
     chain.solve(_Sampler([], []), _Tokenizer([]), ["Q"], max_steps=0)
