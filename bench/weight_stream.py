@@ -1,5 +1,5 @@
 """The decode step's matmul floor: one pass of a few rows through SmolLM2-135M's fp32 weights, on every XLA:CPU
-matmul back end and in torch, against this machine's memory and compute floors.
+matmul back end, in torch and in numpy, against this machine's memory and compute floors.
 
   .venv/bin/python bench/weight_stream.py [--quick] [--rows 16,64]
 
@@ -22,8 +22,9 @@ and two floors no kernel can beat:
               product reads each weight once and does almost nothing else)
   compute_ms  2 x rows x parameters FLOPs at this machine's best fp32 matmul rate (a 2048-row product)
 
-Prints a table, then one JSON line: {"bench": "weight_stream", "ratio_vs_torch_b16": best XLA back end against
-torch at 16 rows, "floor_fraction_b16": max(memory, compute) floor over the best back end's time, ...}.
+Prints a table, then one JSON line: {"bench": "weight_stream", "ratio_vs_torch_b16": the best XLA back end's
+speed over torch's at 16 rows (likewise "ratio_vs_numpy_b16"), "floor_fraction_b16": the max(memory, compute)
+floor over the best XLA back end's time, ..., and the same keys for every row count}.
 """
 
 from __future__ import annotations
