@@ -135,8 +135,8 @@ def main() -> None:
   runners["torch"] = torch_runner(weights[False])
   runners["numpy"] = lambda x: weight_pass(np.asarray(x), weights[False], np.matmul)
   c = presets.smollm2_135m()
-  matrix_params = sum(a.size for layer in weights[False]["layers"] for a in layer.values()) + weights[False][
-      "head"].size
+  plain = weights[False]
+  matrix_params = sum(a.size for layer in plain["layers"] for a in layer.values()) + plain["head"].size
   peak = best_matmul_flops(rounds)
 
   times = {}  # (rows, backend) -> best ms over rounds that alternate the back ends (the same machine load)
