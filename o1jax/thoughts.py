@@ -86,6 +86,11 @@ _TAG = re.compile(r"<[^<>\s]{1,40}>")
 _SEPARATOR = re.compile(r"\s*(?:<hint>(?P<hint_body>(?:(?!<hint>|</hint>).)*)</hint>\s*)?\Z", re.DOTALL)
 
 
+def holds_format_token(text: str) -> bool:
+  """Whether text holds any of SPECIAL_TOKENS (a node's thought may not)."""
+  return _SPECIAL.search(text) is not None
+
+
 class ThoughtFormatError(ValueError):
   """Text that does not follow the LLaMA-O1 node format (the message names the character position)."""
 

@@ -14,16 +14,22 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Buckets:
-  """Sorted bucket sizes. `rows` pads the batch to a multiple of itself (the number of data-parallel shards)."""
+  """Sorted bucket sizes. `rows` pads the batch to a multiple of itself (the number of data-parallel shards).
+
+  `batch` are row counts a batch is padded up to (then to the multiple of `rows`); () pads to the multiple only.
+  A caller whose batch size varies from call to call (the search: trees finish, selections land on terminals)
+  sets them so that it compiles one program per batch bucket instead of one per batch size.
+  """
 
   prompt: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)
   new_tokens: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
   rows: int = 1
+  batch: tuple[int, ...] = ()
 
   def __post_init__(self):
-    for name in ("prompt", "new_tokens"):
+    for name in ("prompt", "new_tokens", "batch"):
       sizes = getattr(self, name)
-      if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1:
+      if (not sizes and name != "batch") or list(sizes) != sorted(set(sizes)) or (sizes and sizes[0] < 1):
         raise ValueError(f"{name} buckets {sizes} must be distinct positive sizes in increasing order.")
 
   def prompt_bucket(self, length: int) -> int:
@@ -33,6 +39,8 @@ class Buckets:
     return _smallest_at_least(self.new_tokens, count, "max_new_tokens")
 
   def padded_rows(self, count: int) -> int:
+    """The batch bucket for `count` rows (beyond the largest batch bucket: `count` itself), as a multiple of rows."""
+    count = next((b for b in self.batch if b >= count), count)
     return -(-count // self.rows) * self.rows
 
 

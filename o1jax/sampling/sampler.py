@@ -156,8 +156,10 @@ def _argmax(x: jax.Array) -> jax.Array:
 _CHUNK = 256  # vocabulary chunk of `_inverse_cdf_draw`
 
 
-def _inverse_cdf_draw(probs: jax.Array, key: jax.Array) -> jax.Array:
-  """One token per row drawn from [B, V] probabilities (rows need not sum to exactly 1) with one uniform per row.
+def _inverse_cdf_draw(probs: jax.Array, uniform: jax.Array) -> jax.Array:
+  """One token per row drawn from [B, V] probabilities (rows need not sum to exactly 1) by one uniform per row.
+
+  `uniform`: [B] float32 in [0, 1).
 
   Inverse-CDF sampling in two levels: the row's mass is summed per chunk of `_CHUNK` tokens, a uniform u times the
   total picks the chunk whose cumulative mass first exceeds u, and the chunk's own cumulative sum picks the token.
@@ -170,7 +172,7 @@ def _inverse_cdf_draw(probs: jax.Array, key: jax.Array) -> jax.Array:
   blocks = jnp.pad(probs, ((0, 0), (0, chunks * _CHUNK - V))).reshape(B, chunks, _CHUNK)
   chunk_mass = jnp.sum(blocks, axis=-1)
   cumulative = jnp.cumsum(chunk_mass, axis=-1)
-  u = jax.random.uniform(key, (B, 1), jnp.float32) * cumulative[:, -1:]
+  u = uniform[:, None] * cumulative[:, -1:]
   # The first chunk whose cumulative mass exceeds u, clamped to the last chunk with any mass (rounding).
   last_chunk = chunks - 1 - jnp.argmax((chunk_mass > 0)[:, ::-1], axis=-1)
   chunk = jnp.minimum(jnp.sum(cumulative <= u, axis=-1), last_chunk)
@@ -185,6 +187,20 @@ def _inverse_cdf_draw(probs: jax.Array, key: jax.Array) -> jax.Array:
   return (chunk * _CHUNK + index).astype(jnp.int32)
 
 
+def _uniforms(rng: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
+  """One uniform in [0, 1) per row and the key(s) for the next step.
+
+  rng is one key (the whole batch draws [B] uniforms from it) or [B] keys, one per row: then a row's draws depend
+  on its own key only, not on its position in the batch or on the batch size (how the search keeps a tree's
+  samples the same whether it runs alone or with others).
+  """
+  if rng.ndim == 0:
+    rng, key = jax.random.split(rng)
+    return jax.random.uniform(key, (rows,), jnp.float32), rng
+  split = jax.vmap(jax.random.split)(rng)
+  return jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(split[:, 1]), split[:, 0]
+
+
 def _decode(weights, cache: attention.KVCache, logits: jax.Array, stop_ids: jax.Array, live: jax.Array,
             rng: jax.Array, temperature: jax.Array, top_p: jax.Array, *, config, max_new: int, greedy: bool,
             plain: bool, top_k: int, use_top_p: bool) -> dict[str, Any]:
@@ -195,7 +211,7 @@ def _decode(weights, cache: attention.KVCache, logits: jax.Array, stop_ids: jax.
     logits: [B, V] next-token logits at the end of each row.
     stop_ids: [B, X] int32 stop tokens per row, -1 for none.
     live: [B] bool, False for padding rows (they count as stopped from the start).
-    rng: PRNG key.
+    rng: one PRNG key, or [B] keys (one per row; see `_uniforms`).
     greedy: argmax; plain: sample from the model distribution itself (temperature 1, no filters), which saves
       a second softmax over the vocabulary per step. Otherwise temperature / top_k / top_p filter it.
 
@@ -217,7 +233,7 @@ def _decode(weights, cache: attention.KVCache, logits: jax.Array, stop_ids: jax.
     model_lp = statistics.log_softmax(s["logits"])
     model_p = jnp.exp(model_lp)
     entropy, varentropy = statistics.entropy_and_varentropy(model_lp, model_p)
-    rng, key = jax.random.split(s["rng"])
+    uniform, rng = _uniforms(s["rng"], B)
     if greedy:
       token = _argmax(s["logits"])
       sampling_lp = jnp.zeros((B,), jnp.float32)
@@ -227,7 +243,7 @@ def _decode(weights, cache: attention.KVCache, logits: jax.Array, stop_ids: jax.
       else:
         lp = _filtered_log_probs(s["logits"], temperature, top_p, top_k=top_k, use_top_p=use_top_p)
         p = jnp.exp(lp)
-      token = _inverse_cdf_draw(p, key)
+      token = _inverse_cdf_draw(p, uniform)
       sampling_lp = jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]
     token = jnp.where(active, token, 0)
     token_model_lp = jnp.take_along_axis(model_lp, token[:, None], axis=-1)[:, 0]
@@ -372,7 +388,8 @@ class Sampler:
       max_new_tokens: the budget; it is rounded up to a new-token bucket and samples that reach the bucket
         without a stop token end there with stopped=False.
       params: temperature / top-k / top-p / greedy.
-      seed: an int or a PRNG key.
+      seed: an int or a PRNG key for the whole batch, or one key per sample ([num_rows * k] keys, row-major like
+        the samples): then each sample's tokens depend on its own key only, whatever else is in the batch.
     """
     if k < 1:
       raise ValueError(f"k={k} must be at least 1.")
@@ -395,7 +412,7 @@ class Sampler:
       stop_ids[i, :len(stop_lists[r])] = stop_lists[r]
     live = np.arange(B) < len(rows)
     stop_ids, live = self._put((stop_ids, live))
-    rng = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
+    rng = self._row_keys(seed, len(rows), B)
     decode = _decode_program(jax.default_backend(), B)
     out = decode(self.weights, forked.cache, forked.logits, stop_ids, live, rng,
                  jnp.float32(max(params.temperature, 1e-6)), jnp.float32(params.top_p), config=self.config,
@@ -406,6 +423,19 @@ class Sampler:
         "tokens", "lengths", "stopped", "sampling_log_probs", "model_log_probs", "entropy", "varentropy",
         "step_log_prob", "step_entropy", "step_varentropy")}
     return Samples(**host, prefix=Prefix(cache=out["cache"], logits=out["logits"], num_rows=n))
+
+  def _row_keys(self, seed: int | jax.Array, count: int, padded: int) -> jax.Array:
+    """One key for the batch, or `count` per-sample keys padded to `padded` rows and split over the mesh."""
+    if isinstance(seed, (int, np.integer)):
+      return jax.random.key(seed)
+    if not (isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key)):
+      raise ValueError(f"seed must be an int or a jax.random.key array; got {type(seed).__name__}.")
+    if seed.ndim == 0:
+      return seed
+    if seed.shape != (count,):
+      raise ValueError(f"per-sample keys have shape {seed.shape}; expected ({count},), one per sample.")
+    keys = jnp.concatenate([seed, jnp.broadcast_to(seed[:1], (padded - count,))]) if padded > count else seed
+    return self._put(keys) if self.mesh is not None else keys
 
   def score(self, prefix: Prefix, continuations: Sequence[Sequence[int]], positive_id: int,
             negative_id: int) -> np.ndarray:

@@ -133,6 +133,31 @@ def test_seeds(sampler, models):
   np.testing.assert_array_equal(greedy.tokens, zero_temperature.tokens)
 
 
+def test_per_sample_keys_make_a_row_independent_of_its_batch(sampler, models):
+  """With one key per sample, a prompt's samples are the same alone and between other prompts."""
+  model = models[1]
+  batch_prompts = prompts(model.config.vocab_size, [3, 9, 5], seed=4)
+  keys = jax.random.split(jax.random.key(9), 6)   # 3 prompts x k=2
+  params = SamplingParams(temperature=1.0)
+  together = sampler.sample(sampler.prefill(batch_prompts, reserve=16), k=2, stop=[], max_new_tokens=16,
+                            params=params, seed=keys)
+  alone = sampler.sample(sampler.prefill(batch_prompts[1:2], reserve=16), k=2, stop=[], max_new_tokens=16,
+                         params=params, seed=keys[2:4])
+  np.testing.assert_array_equal(together.tokens[2:4], alone.tokens)
+  assert not np.array_equal(together.tokens[2], together.tokens[3])   # the two keys draw different samples
+  with pytest.raises(ValueError, match=r"per-sample keys have shape \(2,\); expected \(6,\)"):
+    sampler.sample(sampler.prefill(batch_prompts, reserve=16), k=2, stop=[], max_new_tokens=16, params=params,
+                   seed=keys[:2])
+
+
+def test_batch_buckets_pad_rows():
+  buckets = Buckets(batch=(4, 8, 16), rows=8)
+  assert [buckets.padded_rows(n) for n in (1, 4, 5, 9, 17)] == [8, 8, 8, 16, 24]
+  assert [Buckets(batch=(2, 3, 6)).padded_rows(n) for n in (1, 3, 4, 7)] == [2, 3, 6, 7]
+  with pytest.raises(ValueError, match="batch buckets"):
+    Buckets(batch=(4, 2))
+
+
 def test_stops_freeze_rows(sampler, models):
   """Row 0 stops on the token its greedy run emits at step 3; row 1's stop never comes."""
   batch_prompts = prompts(models[1].config.vocab_size, [5, 9])
@@ -279,8 +304,8 @@ def test_inverse_cdf_draw_never_picks_zero_mass():
   probs[0, [0, 255, 256, 999]] = [0.1, 0.2, 0.3, 0.4]
   probs[1, 511] = 1.0
   probs[2, [300, 301]] = [0.5, 0.5]
-  keys = jax.random.split(jax.random.key(0), 2000)
-  draws = np.asarray(jax.vmap(lambda k: _inverse_cdf_draw(jax.numpy.asarray(probs), k))(keys))  # [2000, 3]
+  uniforms = jax.random.uniform(jax.random.key(0), (2000, 3))
+  draws = np.asarray(jax.vmap(lambda u: _inverse_cdf_draw(jax.numpy.asarray(probs), u))(uniforms))  # [2000, 3]
   assert set(draws[:, 0]) == {0, 255, 256, 999} and set(draws[:, 1]) == {511} and set(draws[:, 2]) == {300, 301}
   np.testing.assert_allclose(np.bincount(draws[:, 0], minlength=V)[[0, 255, 256, 999]] / 2000,
                              [0.1, 0.2, 0.3, 0.4], atol=0.04)
