@@ -1,10 +1,13 @@
-"""SmolLM2-135M-Instruct on GSM8K, on the CPU: the default experiment (README's main command).
+"""SmolLM2-135M-Instruct searching GSM8K test problems on the CPU: the default experiment (README's main command).
 
-  python -m launch.solve --config=configs/smollm2_gsm8k.py --config.data.count=8
+  python -m launch.solve --config=configs/smollm2_gsm8k.py --workdir=runs/solve_smollm2_gsm8k
+  python -m launch.solve --config=configs/smollm2_gsm8k.py --config.strategy=beam --config.num_problems=32 \\
+      --workdir=runs/beam
 
 The model is the packaged SmolLM2 checkpoint plus the adapter that launch.pretrain wrote: LoRA matrices and the
 LLaMA-O1 special tokens' embedding rows, trained on the format (configs/smollm2_format_pretrain.py) and then on
-the rating loss (configs/smollm2_rating_pretrain.py).
+the rating loss (configs/smollm2_rating_pretrain.py). The search constants under `mcts` are LLaMA-O1's
+(`online_train.py`), except the number of simulations (LLaMA-O1: 32) and the depth limit it does not have.
 """
 
 import ml_collections
@@ -17,16 +20,41 @@ def get_config() -> ml_collections.ConfigDict:
       adapter="configs/adapters/smollm2_135m_rating.safetensors",  # "" for the base model
       dtype="float32",
   ))
-  config.data = ml_collections.ConfigDict(dict(
-      split="gsm8k_test",
-      start=0,
-      count=4,
+  config.data = ml_collections.ConfigDict(dict(split="gsm8k_test", start=0))
+  config.num_problems = 8
+  # mcts | beam | dvts | best_of_n | weighted_best_of_n | majority | chain
+  config.strategy = "mcts"
+  config.batch_size = 32     # problems searched together (one tree each)
+  config.self_play = False   # True: the search sees the reference answers (outcome checks, patience, hints)
+  config.seed = 0
+  config.sampling = ml_collections.ConfigDict(dict(
+      temperature=0.7,       # LLaMA-O1 samples at 1.5, more than a 135M model's steps survive
+      top_p=1.0,
+      max_new_tokens=64,     # LLaMA-O1's GENERATE_MAX_NEW_TOKENS
+      max_rows=64,           # children per sampler call (bounds the KV cache memory)
+      rating_context="policy",  # "value": rate LLaMA-O1's value prompt exactly (no hint; re-encodes each step)
   ))
-  config.search = ml_collections.ConfigDict(dict(
-      max_steps=8,
-      max_new_tokens=96,
-      temperature=0.0,   # 0: greedy steps
-      seed=0,
+  config.mcts = ml_collections.ConfigDict(dict(
+      num_simulations=8,
+      children_per_expansion=2,
+      max_children=5,
+      exploration=1.414,
+      varentropy_weight=0.1,
+      random_factor=(0.8, 1.2),
+      discount=0.9,
+      eps=1e-6,
+      patience=2,
+      max_depth=8,
+      node_budget=0,         # 0: 1 + num_simulations * children_per_expansion
+      answer="max_reward",   # | majority | weighted
+      ground_truth_hint=False,
+      llama_o1_compat=False,
   ))
-  config.output_dir = "runs/solve_smollm2_gsm8k"
+  config.beam = ml_collections.ConfigDict(dict(
+      n=16,                  # samples (best_of_n, majority, weighted) or beams (beam, dvts)
+      beam_width=4,          # M: beam keeps n / M beams; dvts grows n / M subtrees
+      max_depth=8,
+      aggregation="last",    # last | min | prod | mean of the steps' p(positive)
+      answer="best",         # how beam and dvts choose among their final candidates: best | weighted | majority
+  ))
   return config

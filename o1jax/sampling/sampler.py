@@ -123,6 +123,12 @@ def _extend(weights, cache: attention.KVCache, tokens: jax.Array, valid: jax.Arr
   return jnp.where(jnp.any(valid, axis=1)[:, None], logits, 0.0), cache
 
 
+@jax.jit
+def _truncate(cache: attention.KVCache, lengths: jax.Array) -> attention.KVCache:
+  """Slots of row b holding positions >= lengths[b] become empty (position -1; see attention's mask rule)."""
+  return dataclasses.replace(cache, positions=jnp.where(cache.positions >= lengths[:, None], -1, cache.positions))
+
+
 def _filtered_log_probs(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, *, top_k: int,
                         use_top_p: bool) -> jax.Array:
   """[B, V] log-probs of the sampling distribution: temperature, then top-k, then top-p (nucleus)."""
@@ -376,6 +382,19 @@ class Sampler:
     # Rows with an empty continuation keep the logits they had.
     logits = jnp.where(jnp.any(valid, axis=1)[:, None], logits, prefix.logits)
     return Prefix(cache=cache, logits=logits, num_rows=prefix.num_rows)
+
+  def truncate(self, prefix: Prefix, lengths: Sequence[int]) -> Prefix:
+    """Row i keeps its first lengths[i] tokens; the later ones become invisible (their slots' positions -1).
+
+    What the search does with a step it cuts (at a stray format token): the cache then holds exactly the prompt
+    and the kept part of the step, and the next `extend` continues after it. The logits are left as they were
+    (those after the dropped tokens): extend before reading them.
+    """
+    if len(lengths) != prefix.num_rows:
+      raise ValueError(f"truncate got {len(lengths)} lengths for {prefix.num_rows} rows.")
+    padded = np.full(prefix.cache.batch_size, np.iinfo(np.int32).max, np.int32)
+    padded[:len(lengths)] = lengths
+    return dataclasses.replace(prefix, cache=_truncate(prefix.cache, self._put(padded)))
 
   def sample(self, prefix: Prefix, *, k: int, stop: Sequence[str | int] | Sequence[Sequence[str | int]],
              max_new_tokens: int, params: SamplingParams = SamplingParams(), seed: int | jax.Array = 0) -> Samples:

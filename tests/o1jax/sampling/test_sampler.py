@@ -202,6 +202,20 @@ def test_sampled_step_then_rating_on_the_same_cache(sampler, models):
   np.testing.assert_allclose(on_cache, whole, atol=1e-5)
 
 
+def test_truncate_drops_the_end_of_a_sample(sampler, models):
+  """A sample cut after 3 of its tokens and extended by two tokens rates as the prompt + 3 tokens + those two."""
+  (parent,) = prompts(models[1].config.vocab_size, [6], seed=5)
+  samples = sampler.sample(sampler.prefill([parent], reserve=16 + 8), k=2, stop=[], max_new_tokens=8,
+                           params=SamplingParams(temperature=1.0), seed=1)
+  cut = sampler.truncate(samples.prefix, [len(parent) + 3, len(parent) + 5])
+  suffix = [[7, 9]] * 2
+  on_cache = sampler.score(cut, suffix, 11, 12)
+  kept = [parent + s[:n] + [7, 9] for s, n in zip(samples.sequences(), (3, 5))]
+  np.testing.assert_allclose(on_cache, sampler.score_texts(kept, 11, 12), atol=1e-5)
+  with pytest.raises(ValueError, match="truncate got 1 lengths for 2 rows"):
+    sampler.truncate(samples.prefix, [3])
+
+
 def test_fork_copies_rows(sampler, models):
   prefix = sampler.prefill(prompts(models[1].config.vocab_size, [4, 7, 5]), reserve=8)
   forked = sampler.fork(prefix, [2, 0, 2])
