@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
       dtype="float32",
   ))
   config.data = ml_collections.ConfigDict(dict(split="gsm8k_test", start=0))
-  config.num_problems = 8
+  config.num_problems = 16
   # mcts | beam | dvts | best_of_n | weighted_best_of_n | majority | chain
   config.strategy = "mcts"
   config.batch_size = 32     # problems searched together (one tree each)
@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
       top_p=1.0,
       max_new_tokens=64,     # LLaMA-O1's GENERATE_MAX_NEW_TOKENS
       max_rows=64,           # children per sampler call (bounds the KV cache memory)
+      compact_every=16,      # decode in 16-token segments, moving the running steps into smaller batches
       rating_context="policy",  # "value": rate LLaMA-O1's value prompt exactly (no hint; re-encodes each step)
   ))
   config.mcts = ml_collections.ConfigDict(dict(

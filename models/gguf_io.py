@@ -40,6 +40,13 @@ def _field(reader: gguf.GGUFReader, key: str, default=None):
   return default if field is None else field.contents()
 
 
+def _required(reader: gguf.GGUFReader, key: str, path: str):
+  value = _field(reader, key)
+  if value is None:
+    raise ConfigError(f"GGUF file {path} lacks the field {key!r}; expected a complete llama.cpp GGUF file.")
+  return value
+
+
 def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
   """Undoes llama.cpp's per-head row interleave of q/k projections ([heads * H, D] -> same shape)."""
   rows = w.shape[0]
@@ -55,19 +62,19 @@ def config_from_gguf(reader: gguf.GGUFReader, path: str) -> DecoderConfig:
     raise ConfigError(f"GGUF file {path} uses RoPE frequency scaling, which the GGUF reader does not support; "
                       "load the Hugging Face checkpoint instead.")
   tokens = _field(reader, "tokenizer.ggml.tokens", [])
-  num_heads = int(_field(reader, "llama.attention.head_count"))
-  d_model = int(_field(reader, "llama.embedding_length"))
+  num_heads = int(_required(reader, "llama.attention.head_count", path))
+  d_model = int(_required(reader, "llama.embedding_length", path))
   names = {t.name for t in reader.tensors}
   eos = _field(reader, "tokenizer.ggml.eos_token_id")
   return DecoderConfig(
       family="llama",
       vocab_size=int(_field(reader, "llama.vocab_size", len(tokens))),
       d_model=d_model,
-      num_layers=int(_field(reader, "llama.block_count")),
+      num_layers=int(_required(reader, "llama.block_count", path)),
       num_heads=num_heads,
       num_kv_heads=int(_field(reader, "llama.attention.head_count_kv", num_heads)),
       head_dim=int(_field(reader, "llama.attention.key_length", d_model // num_heads)),
-      ffw_dim=int(_field(reader, "llama.feed_forward_length")),
+      ffw_dim=int(_required(reader, "llama.feed_forward_length", path)),
       rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
       rope_theta=float(_field(reader, "llama.rope.freq_base", 10_000.0)),
       max_position_embeddings=int(_field(reader, "llama.context_length", 8192)),
@@ -161,6 +168,7 @@ def read_gguf(path: str) -> tuple[DecoderConfig, dict[str, np.ndarray], dict[str
   try:
     reader = gguf.GGUFReader(path)
   except Exception as e:  # the gguf package raises bare ValueError/struct errors on foreign files
-    raise ConfigError(f"{path} is not a readable GGUF file ({e}).") from None
+    raise ConfigError(f"{path!r} is not a readable GGUF file ({e}); expected a complete llama.cpp GGUF file."
+                      ) from None
   config = config_from_gguf(reader, path)
   return config, hf_tensors_from_gguf(reader, config, path), tokenizer_files_from_gguf(reader, path)

@@ -156,9 +156,14 @@ def _read_safetensors(directory: str) -> dict[str, np.ndarray]:
     raise CheckpointError(f"{directory} has a config.json but no *.safetensors file.")
   tensors: dict[str, np.ndarray] = {}
   for file in files:
-    with safetensors.safe_open(file, framework="flax") as f:
-      for name in f.keys():
-        tensors[name] = np.asarray(f.get_tensor(name))
+    try:
+      with safetensors.safe_open(file, framework="flax") as f:
+        for name in f.keys():
+          tensors[name] = np.asarray(f.get_tensor(name))
+    except safetensors.SafetensorError as e:  # empty, truncated, or not safetensors at all
+      reason = str(e).removeprefix("Error while deserializing header: ")
+      raise CheckpointError(f"weights file {file!r} is not a valid safetensors file ({reason}); expected the "
+                            "weights of a Hugging Face checkpoint.") from None
   return tensors
 
 
@@ -191,11 +196,15 @@ def load_pretrained(path: str, *, dtype: str | None = None, param_dtype: str | N
   config_path = os.path.join(path, "config.json")
   if not os.path.isfile(config_path):
     raise CheckpointError(f"directory {path!r} has no config.json.")
-  with open(config_path) as f:
+  with open(config_path, "rb") as f:
     try:
-      hf_config = json.load(f)
-    except json.JSONDecodeError as e:
-      raise CheckpointError(f"{config_path} is not valid JSON ({e}).") from None
+      hf_config = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise CheckpointError(f"{config_path!r} is not valid JSON ({e}); expected a Hugging Face config.json."
+                            ) from None
+  if not isinstance(hf_config, dict):
+    raise CheckpointError(f"{config_path!r} holds a JSON {type(hf_config).__name__}; expected a Hugging Face "
+                          "config.json (a JSON object).")
   config = DecoderConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
   weights = weights_from_hf(_read_safetensors(path), config, path)
   model = decoder_lib.Decoder(config, weights=weights)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -34,7 +35,6 @@ import orbax.checkpoint as ocp
 PyTree = Any
 
 _STATE, _DATA_STATE, _METADATA = "state", "data_state", "metadata"
-_ITEMS = (_STATE, _DATA_STATE, _METADATA)
 
 
 def _check_json(name: str, value: dict | None) -> None:
@@ -55,6 +55,46 @@ def _restore_target(target: PyTree) -> PyTree:
       return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
     return leaf
   return jax.tree.map(abstract, target)
+
+
+def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+  """Which orbax handler writes and reads each item. Registered up front (not inferred from the save and restore
+  arguments) so that listing a step's items does not log a warning per item it has no handler for yet."""
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  state_handler = ocp.StandardCheckpointHandler()
+  registry.add(_STATE, ocp.args.StandardSave, state_handler)
+  registry.add(_STATE, ocp.args.StandardRestore, state_handler)
+  for name in (_DATA_STATE, _METADATA):
+    json_handler = ocp.JsonCheckpointHandler()
+    registry.add(name, ocp.args.JsonSave, json_handler)
+    registry.add(name, ocp.args.JsonRestore, json_handler)
+  return registry
+
+
+def _is_damage(error: Exception) -> bool:
+  """Whether an exception from orbax's restore means the files on disk are damaged, not that the target differs.
+
+  Damaged files surface as a missing item or key (KeyError), a missing or unreadable file (OSError), undecodable
+  JSON metadata (UnicodeDecodeError, JSONDecodeError), or a TensorStore read error: a ValueError whose text
+  starts with an absl status code ("DATA_LOSS: ...", "NOT_FOUND: ...", "OUT_OF_RANGE: ..."). A target of
+  another tree or shape is a plain ValueError in orbax's own words.
+  """
+  if isinstance(error, (KeyError, OSError, UnicodeDecodeError, json.JSONDecodeError)):
+    return True
+  return isinstance(error, ValueError) and re.match(r"[A-Z][A-Z_]+: ", str(error)) is not None
+
+
+def _damage_reason(error: Exception) -> str:
+  """The first line of the error, without TensorStore's spec dump, at most 300 characters."""
+  if isinstance(error, KeyError):
+    return f"no entry {error.args[0]!r}" if error.args else "KeyError"
+  lines = str(error).strip().splitlines()
+  text = lines[0].split(" [tensorstore_spec")[0] if lines else ""
+  if len(text) > 300:
+    text = text[:300] + "..."
+  if type(error) is ValueError:  # TensorStore's: the text starts with its status code
+    return text
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 class Checkpointer:
@@ -95,7 +135,7 @@ class Checkpointer:
     self.save_every = save_every
     self.keep = keep
     self.read_only = read_only
-    self._manager = ocp.CheckpointManager(self.directory, item_names=_ITEMS, options=options)
+    self._manager = ocp.CheckpointManager(self.directory, handler_registry=_handler_registry(), options=options)
 
   def all_steps(self) -> list[int]:
     """The finished steps on disk, ascending (unfinished temporary directories are not steps)."""
@@ -147,7 +187,8 @@ class Checkpointer:
 
     Raises:
       FileNotFoundError: no finished step in the directory, or no finished step `step`.
-      ValueError: the saved tree does not match the target's structure.
+      ValueError: the saved tree does not match the target's structure, or the step's files are damaged
+        (truncated, deleted or overwritten): one sentence naming the step's directory.
     """
     self._manager.wait_until_finished()
     steps = self.all_steps()
@@ -158,16 +199,33 @@ class Checkpointer:
     elif step not in steps:
       raise FileNotFoundError(f"no finished checkpoint for step {step} in {self.directory!r}; finished steps: "
                               f"{steps}.")
-    saved_items = {name for name, _ in self._manager.item_metadata(step).items()}
+    try:
+      saved_items = {name for name, _ in self._manager.item_metadata(step).items()}
+    except Exception as e:
+      if _is_damage(e):
+        raise self._damaged(step, _damage_reason(e)) from None
+      raise
+    if _STATE not in saved_items:
+      raise self._damaged(step, f"no {_STATE!r} item, only {sorted(saved_items)}")
     items = {_STATE: ocp.args.StandardRestore(_restore_target(target))}
     for name in (_DATA_STATE, _METADATA):
       if name in saved_items:
         items[name] = ocp.args.JsonRestore()
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    except ValueError as e:
-      raise ValueError(f"checkpoint step {step} in {self.directory!r} does not match the target: {e}") from None
+    except Exception as e:
+      if _is_damage(e):
+        raise self._damaged(step, _damage_reason(e)) from None
+      if isinstance(e, ValueError):
+        raise ValueError(f"checkpoint step {step} in {self.directory!r} does not match the target: {e}") from None
+      raise
     return restored[_STATE], restored.get(_DATA_STATE), restored.get(_METADATA)
+
+  def _damaged(self, step: int, reason: str) -> ValueError:
+    """The error for a step whose files cannot be read back, naming its directory and what to do."""
+    step_directory = os.path.join(self.directory, str(step))
+    return ValueError(f"checkpoint step {step} in {self.directory!r} is corrupt or incomplete ({reason}); delete "
+                      f"{step_directory!r} to resume from the step before it, or the whole directory to start over.")
 
   def wait(self) -> None:
     """Blocks until a save in flight is on disk (and old steps are deleted)."""

@@ -63,34 +63,55 @@ class Loaded:
 
 def load(name_or_path: str, *, adapter: str | None = None, dtype: str | None = None) -> Loaded:
   """Loads a checkpoint, adds the format's special tokens and applies an adapter (see the module docstring)."""
-  model = hf_io.load_pretrained(resolve(name_or_path), dtype=dtype)
+  checkpoint = resolve(name_or_path)
+  # The adapter file (a few MB) is read before the checkpoint (seconds to minutes), so that a missing or corrupt
+  # adapter fails at once; whether it fits the model is checked once the model is there.
+  contents = None if adapter is None else _read_adapter_file(adapter)
+  model = hf_io.load_pretrained(checkpoint, dtype=dtype)
   tokenizer = tokenizer_lib.for_model(model)
   ids = [tokenizer.token_to_id(t) for t in thoughts.SPECIAL_TOKENS]
   if any(i is None for i in ids):
     model, tokenizer = tokenizer_lib.add_special_tokens(model, tokenizer)
     ids = [tokenizer.token_to_id(t) for t in thoughts.SPECIAL_TOKENS]
   loaded = Loaded(model=model, tokenizer=tokenizer, base_vocab=min(ids), special_tokens=thoughts.SPECIAL_TOKENS)
-  if adapter is not None:
-    loaded.model = _apply_adapter(loaded, adapter, name_or_path)
+  if contents is not None:
+    _check_adapter(loaded, adapter, name_or_path, contents)
+    loaded.model = _apply_adapter(loaded, adapter, contents)
   return loaded
 
 
 def read_adapter(loaded: Loaded, path: str, base_name: str):
   """`lora.load(path)` after checking that the adapter was trained on `base_name` with `loaded`'s special
   tokens at `loaded`'s ids: (factors, lora config, extra arrays, metadata)."""
+  contents = _read_adapter_file(path)
+  _check_adapter(loaded, path, base_name, contents)
+  return contents
+
+
+def _read_adapter_file(path: str):
+  """`lora.load(path)`, with the hint to run launch.pretrain when the file does not exist."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"adapter {path!r} does not exist; run launch.pretrain to make one.")
-  factors, lora_config, extra, metadata = lora.load(path)
-  if metadata.get("special_tokens") != list(loaded.special_tokens) or metadata.get("base_vocab") != loaded.base_vocab:
-    raise ValueError(f"adapter {path!r} was trained for special tokens from id {metadata.get('base_vocab')} "
-                     f"({metadata.get('special_tokens')}); this model has them from id {loaded.base_vocab}.")
+  return lora.load(path)
+
+
+def _check_adapter(loaded: Loaded, path: str, base_name: str, contents) -> None:
+  """The adapter file `contents` (from `_read_adapter_file`) was made by format pretraining for this model."""
+  _, _, extra, metadata = contents
+  missing = [key for key in ("special_tokens", "base_vocab") if key not in metadata]
+  missing += [f"the {name} array" for name in ("new_rows",) if name not in extra]
+  if missing:
+    raise ValueError(f"adapter {path!r} lacks {' and '.join(missing)}; expected an adapter written by "
+                     "launch.pretrain.")
+  if metadata["special_tokens"] != list(loaded.special_tokens) or metadata["base_vocab"] != loaded.base_vocab:
+    raise ValueError(f"adapter {path!r} was trained for special tokens from id {metadata['base_vocab']} "
+                     f"({metadata['special_tokens']}); this model has them from id {loaded.base_vocab}.")
   if metadata.get("base") not in (None, base_name):
     raise ValueError(f"adapter {path!r} was trained on {metadata.get('base')!r}, not on {base_name!r}.")
-  return factors, lora_config, extra, metadata
 
 
-def _apply_adapter(loaded: Loaded, path: str, base_name: str) -> decoder.Decoder:
-  factors, lora_config, extra, _ = read_adapter(loaded, path, base_name)
+def _apply_adapter(loaded: Loaded, path: str, contents) -> decoder.Decoder:
+  factors, lora_config, extra, _ = contents
   model = loaded.model
   weights = dict(model.weights())
   dtype = np.asarray(weights["embed"]).dtype
@@ -102,12 +123,19 @@ def _apply_adapter(loaded: Loaded, path: str, base_name: str) -> decoder.Decoder
   embed[loaded.base_vocab:] = rows.astype(dtype)
   weights["embed"] = embed
   if "new_head" in extra:
+    expected = (np.shape(weights["head"])[0], embed.shape[0] - loaded.base_vocab) if "head" in weights else None
+    if extra["new_head"].shape != expected:
+      raise ValueError(f"adapter {path!r} holds a new head of shape {extra['new_head'].shape}; the model expects "
+                       f"{'none (its head is the embedding)' if expected is None else expected}.")
     head = np.array(weights["head"])
     head[:, loaded.base_vocab:] = np.asarray(extra["new_head"], np.float32).astype(dtype)
     weights["head"] = head
   factors = {"layers": {t: {k: np.asarray(a, np.float32) for k, a in f.items()}
                         for t, f in factors["layers"].items()}}
-  weights = lora.merge(weights, factors, lora_config)
+  try:
+    weights = lora.merge(weights, factors, lora_config)
+  except ValueError as e:  # factor shapes of another model
+    raise ValueError(f"adapter {path!r} does not fit this model: {e}") from None
   merged = decoder.Decoder(model.config, weights=weights)
   merged.tokenizer_files = model.tokenizer_files
   return merged

@@ -51,6 +51,7 @@ INPUT_AXES = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 _FORMAT = "o1jax-lora"
+_EXPECTED_FILE = "expected a LoRA adapter written by launch.pretrain (lora.save)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,17 +220,31 @@ def load(path: str | os.PathLike) -> tuple[Adapter, LoraConfig, dict[str, np.nda
   """Reads a file written by `save`: (adapter, config, extra, metadata).
 
   Arrays come back as numpy arrays, bit for bit and dtype for dtype as saved (`jax.device_put` them where they
-  should live).
+  should live). A missing file raises FileNotFoundError (IsADirectoryError for a directory); a file that is not
+  safetensors (empty, truncated, random bytes) or not an adapter raises ValueError, each naming the file.
   """
   path = os.fspath(path)
+  if os.path.isdir(path):
+    raise IsADirectoryError(f"LoRA adapter file {path!r} is a directory; {_EXPECTED_FILE}.")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"LoRA adapter file {path!r} does not exist.")
-  with safetensors.safe_open(path, framework="numpy") as f:
-    header = f.metadata() or {}
-    tensors = {name: f.get_tensor(name) for name in f.keys()}
+  try:
+    with safetensors.safe_open(path, framework="numpy") as f:
+      header = f.metadata() or {}
+      tensors = {name: f.get_tensor(name) for name in f.keys()}
+  except safetensors.SafetensorError as e:
+    reason = str(e).removeprefix("Error while deserializing header: ")
+    raise ValueError(f"LoRA adapter file {path!r} is not a valid safetensors file ({reason}); {_EXPECTED_FILE}."
+                     ) from None
   if header.get("format") != _FORMAT or "lora_config" not in header:
-    raise ValueError(f"{path!r} is not an o1jax LoRA adapter file (its header has no {_FORMAT!r} config).")
-  config = LoraConfig.from_json(header["lora_config"])
+    raise ValueError(f"{path!r} is not an o1jax LoRA adapter file (its header has no {_FORMAT!r} config); "
+                     f"{_EXPECTED_FILE}.")
+  try:
+    config = LoraConfig.from_json(header["lora_config"])
+    metadata = json.loads(header.get("metadata", "{}"))
+  except (ValueError, KeyError, TypeError) as e:  # JSON, a missing field, a bad rank or target
+    raise ValueError(f"LoRA adapter file {path!r} has an unreadable header ({type(e).__name__}: {e}); "
+                     f"{_EXPECTED_FILE}.") from None
   layers: dict[str, dict[str, np.ndarray]] = {}
   extra: dict[str, np.ndarray] = {}
   for name, array in tensors.items():
@@ -246,4 +261,7 @@ def load(path: str | os.PathLike) -> tuple[Adapter, LoraConfig, dict[str, np.nda
       raise ValueError(f"{path!r} lacks factor a or b of LoRA target {target!r}.")
   if set(layers) != set(config.targets):
     raise ValueError(f"{path!r} holds targets {sorted(layers)}; its LoRA config names {sorted(config.targets)}.")
-  return {"layers": layers}, config, extra, json.loads(header.get("metadata", "{}"))
+  if not isinstance(metadata, dict):
+    raise ValueError(f"LoRA adapter file {path!r} has metadata of type {type(metadata).__name__}; "
+                     f"{_EXPECTED_FILE}.")
+  return {"layers": layers}, config, extra, metadata

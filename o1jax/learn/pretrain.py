@@ -13,10 +13,15 @@ The run is resumable: the train state and the data iterator's position are check
 TensorBoard event files and to metrics.jsonl in the work directory. At the end the adapter (LoRA matrices plus
 the new token rows) is written as one safetensors file that `o1jax.pretrained.load` applies on top of the base
 model.
+
+`run` is `train(prepare(config, workdir))`: `prepare` reads and checks every input (the config first, then the
+model, an init adapter, the data and the checkpoint directory), so that a launcher can report a bad one as a
+user error and leave what goes wrong in `train` its traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -98,29 +103,74 @@ def _host_metrics(metrics: dict) -> dict[str, float]:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains for config.train.steps steps (resuming from workdir's latest checkpoint) and writes the adapter.
 
-  Returns the last logged train metrics.
+  `train(prepare(config, workdir))`. Returns the last logged train metrics.
   """
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  return train(prepare(config, workdir))
 
+
+@dataclasses.dataclass
+class Prepared:
+  """A run with its inputs read and checked (by `prepare`), ready to `train`.
+
+  Attributes:
+    config: the experiment config.
+    workdir: checkpoints, metrics and TensorBoard events.
+    base: the base model with the format's special tokens.
+    model: what trains (LoRA, frozen layers) on top of the base weights.
+    mesh: the device mesh the batch splits over.
+    rating_ids: (positive, negative) ids for train.loss="rating", else None.
+    optimizer_config, optimizer: the schedule and optimizer settings, and the optax optimizer made from them.
+    frozen, state: the frozen weights and the train state (restored from the latest checkpoint, if any),
+      replicated over the mesh.
+    train_iter: the training batches, from the checkpointed position.
+    eval_data: the held-out batches.
+    checkpointer: open on workdir/checkpoints; `train` closes it.
+  """
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  base: pretrained.Loaded
+  model: lm.Model
+  mesh: jax.sharding.Mesh
+  rating_ids: tuple[int, int] | None
+  optimizer_config: lm.OptimizerConfig
+  optimizer: Any
+  frozen: Any
+  state: Any
+  train_iter: Any
+  eval_data: Any
+  checkpointer: checkpoint.Checkpointer
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> Prepared:
+  """Checks the config, loads the base model and the data, and restores the latest checkpoint.
+
+  Everything that reads an input (the config, the model, an init adapter, the data, the checkpoint directory)
+  happens here, so that a bad one fails before training starts; the config alone is checked first, before
+  any file is read.
+  """
   if config.output.adapter_path and not config.lora.rank:
     raise ValueError(f"output.adapter_path={config.output.adapter_path!r} needs LoRA training (lora.rank > 0); "
                      "set it to '' for a full fine-tune.")
-  base = pretrained.load(config.model.path, dtype=config.model.dtype)
-  tokenizer = base.tokenizer
   lora_config = _lora_config(config)
-  model = lm.Model(config=base.model.config, base_vocab=base.base_vocab, lora=lora_config,
-                   frozen_layers=config.train.frozen_layers)
-  mesh = parallel.make_mesh()
-  if config.data.batch_size % parallel.batch_size_multiple(mesh):
-    raise ValueError(f"data.batch_size={config.data.batch_size} does not split over the mesh's "
-                     f"{parallel.batch_size_multiple(mesh)} batch shards.")
-
   kinds = dict(trees="trees" in config.data.kinds, policy="policy" in config.data.kinds,
                rating="rating" in config.data.kinds)
   if not any(kinds.values()) or set(config.data.kinds) - set(kinds):
     raise ValueError(f"data.kinds={tuple(config.data.kinds)!r}; expected a non-empty subset of {tuple(kinds)}.")
+  _check_loss(config)
+  mesh = parallel.make_mesh()
+  if config.data.batch_size % parallel.batch_size_multiple(mesh):
+    raise ValueError(f"data.batch_size={config.data.batch_size} does not split over the mesh's "
+                     f"{parallel.batch_size_multiple(mesh)} batch shards.")
+  optimizer_config = _optimizer_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+  base = pretrained.load(config.model.path, dtype=config.model.dtype)
+  tokenizer = base.tokenizer
+  model = lm.Model(config=base.model.config, base_vocab=base.base_vocab, lora=lora_config,
+                   frozen_layers=config.train.frozen_layers)
   rating_ids = _rating_ids(config, tokenizer)
   records = build_records(config.data.split, config.data.count, config.data.seed, **kinds)
   train_data = pipeline.text_dataset(records, tokenizer.encode, seq_len=config.data.seq_len,
@@ -130,7 +180,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   eval_data = pipeline.text_dataset(eval_records, tokenizer.encode, seq_len=config.data.seq_len,
                                     batch_size=config.data.batch_size, seed=0, shuffle=False, num_epochs=1)
 
-  optimizer_config = _optimizer_config(config)
   optimizer = optimizer_config.make()
   frozen, trainable = model.split(base.model.weights(), jax.random.key(config.train.seed))
   if config.train.init_adapter:
@@ -140,15 +189,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   frozen, state = jax.device_put((frozen, state), replicated)
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.every,
                                          keep=config.checkpoint.keep)
-  start = checkpointer.latest_step()
-  data_state = None
-  if start is not None:
-    state, data_state, _ = checkpointer.restore(start, target=state)
-    print(f"resumed from step {start} in {workdir}")
-  train_iter = pipeline.iterator(train_data, state=data_state)
-  start = int(state["step"])
+  try:
+    start = checkpointer.latest_step()
+    data_state = None
+    if start is not None:
+      state, data_state, _ = checkpointer.restore(start, target=state)
+      print(f"resumed from step {start} in {workdir}")
+    train_iter = pipeline.iterator(train_data, state=data_state)
+  except BaseException:
+    checkpointer.close()
+    raise
+  return Prepared(config=config, workdir=workdir, base=base, model=model, mesh=mesh, rating_ids=rating_ids,
+                  optimizer_config=optimizer_config, optimizer=optimizer, frozen=frozen, state=state,
+                  train_iter=train_iter, eval_data=eval_data, checkpointer=checkpointer)
 
-  train_step = lm.make_train_step(model, optimizer, mesh, rating_ids)
+
+def train(prepared: Prepared) -> dict[str, float]:
+  """Runs the training steps of a prepared run from its restored step; checkpoints, logs, writes the adapter.
+
+  Returns the last logged train metrics.
+  """
+  p = prepared
+  config, workdir, model, mesh, rating_ids = p.config, p.workdir, p.model, p.mesh, p.rating_ids
+  frozen, state, train_iter, checkpointer = p.frozen, p.state, p.train_iter, p.checkpointer
+  start = int(state["step"])
+  train_step = lm.make_train_step(model, p.optimizer, mesh, rating_ids)
   log = _MetricsLog(workdir)
   last: dict[str, float] = {}
   window: list[dict] = []
@@ -168,13 +233,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       last = {"loss": float(np.mean([m["loss"] for m in host])),
               "accuracy": float(np.mean([m["accuracy"] for m in host])),
               "grad_norm": float(np.mean([m["grad_norm"] for m in host])),
-              "learning_rate": float(optimizer_config.schedule()(step)),
+              "learning_rate": float(p.optimizer_config.schedule()(step)),
               "target_tokens_per_s": tokens_seen / (time.perf_counter() - started)}
       window = []
       log.write(done, "train", last)
       bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.2f}")
     if done % config.eval.every == 0 or done == config.train.steps:
-      log.write(done, "eval", evaluate_loss(model, frozen, state["trainable"], eval_data, mesh,
+      log.write(done, "eval", evaluate_loss(model, frozen, state["trainable"], p.eval_data, mesh,
                                             config.eval.batches, rating_ids))
     # Save a host copy (np.array copies): the next step donates the state's buffers and may overwrite them while
     # the checkpoint is still being written in the background; on CPU a device_get can be a view of them.
@@ -186,7 +251,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
   if config.output.adapter_path:
     write_adapter(config.output.adapter_path, model, state["trainable"], base=config.model.path,
-                  special_tokens=base.special_tokens, dtype=config.output.adapter_dtype)
+                  special_tokens=p.base.special_tokens, dtype=config.output.adapter_dtype)
     print(f"adapter written to {config.output.adapter_path}")
   return last
 
@@ -205,15 +270,19 @@ def evaluate_loss(model: lm.Model, frozen, trainable, data, mesh, max_batches: i
   return {"loss": loss_sum / max(count, 1.0), "accuracy": hits / max(count, 1.0)}
 
 
-def _rating_ids(config: ml_collections.ConfigDict, tokenizer) -> tuple[int, int] | None:
-  """(positive, negative) rating ids for train.loss="rating", None for "next_token"."""
-  if config.train.loss == "next_token":
-    return None
-  if config.train.loss != "rating":
+def _check_loss(config: ml_collections.ConfigDict) -> None:
+  """train.loss names a loss, and "rating" trains on rating records only."""
+  if config.train.loss not in ("next_token", "rating"):
     raise ValueError(f"train.loss={config.train.loss!r}; expected 'next_token' or 'rating'.")
-  if tuple(config.data.kinds) != ("rating",):
+  if config.train.loss == "rating" and tuple(config.data.kinds) != ("rating",):
     raise ValueError("train.loss='rating' trains on rating records only; got "
                      f"data.kinds={tuple(config.data.kinds)!r}.")
+
+
+def _rating_ids(config: ml_collections.ConfigDict, tokenizer) -> tuple[int, int] | None:
+  """(positive, negative) rating ids for train.loss="rating", None for "next_token" (see `_check_loss`)."""
+  if config.train.loss == "next_token":
+    return None
   return tokenizer.token_to_id(thoughts.POSITIVE_RATING), tokenizer.token_to_id(thoughts.NEGATIVE_RATING)
 
 

@@ -112,21 +112,41 @@ class Samples:
 
 # --- jitted programs --------------------------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _extend(weights, cache: attention.KVCache, tokens: jax.Array, valid: jax.Array, *, config
-            ) -> tuple[jax.Array, attention.KVCache]:
-  """Appends [B, T] tokens; returns the logits after each row's last valid token (rows without any keep 0s)."""
+def _extend_rows(weights, cache: attention.KVCache, tokens: jax.Array, valid: jax.Array, logits: jax.Array, *,
+                 config) -> tuple[jax.Array, attention.KVCache]:
+  """Appends [B, T] tokens; returns the logits after each row's last valid token (rows without any keep `logits`)."""
   positions = decoder.positions_from_mask(valid, cache.next_positions())
   hidden, cache = decoder.forward(weights, tokens, positions, config=config, cache=cache)
   last = jnp.maximum(jnp.sum(valid.astype(jnp.int32), axis=1) - 1, 0)
-  logits = decoder.head_logits(weights, hidden[jnp.arange(tokens.shape[0]), last], config=config)
-  return jnp.where(jnp.any(valid, axis=1)[:, None], logits, 0.0), cache
+  new_logits = decoder.head_logits(weights, hidden[jnp.arange(tokens.shape[0]), last], config=config)
+  return jnp.where(jnp.any(valid, axis=1)[:, None], new_logits, logits), cache
+
+
+_extend = jax.jit(_extend_rows, static_argnames=("config",))
+# The same with the cache donated: XLA then writes the new slots in place instead of copying every layer's
+# buffers first (a 64-row, 270-slot SmolLM2 cache is 0.8 GB, and that copy was most of a 2-token extend).
+_extend_in_place = jax.jit(_extend_rows, static_argnames=("config",), donate_argnames=("cache",))
+
+
+def _truncate_rows(cache: attention.KVCache, lengths: jax.Array) -> attention.KVCache:
+  """Slots of row b holding positions >= lengths[b] become empty (position -1; see attention's mask rule)."""
+  return dataclasses.replace(cache, positions=jnp.where(cache.positions >= lengths[:, None], -1, cache.positions))
+
+
+_truncate = jax.jit(_truncate_rows)
+_truncate_in_place = jax.jit(_truncate_rows, donate_argnums=0)
 
 
 @jax.jit
-def _truncate(cache: attention.KVCache, lengths: jax.Array) -> attention.KVCache:
-  """Slots of row b holding positions >= lengths[b] become empty (position -1; see attention's mask rule)."""
-  return dataclasses.replace(cache, positions=jnp.where(cache.positions >= lengths[:, None], -1, cache.positions))
+def _gather(caches: tuple[attention.KVCache, ...], logits: tuple[jax.Array, ...], extra: tuple[jax.Array, ...],
+            order: jax.Array) -> tuple[attention.KVCache, jax.Array, tuple[jax.Array, ...]]:
+  """Rows `order` of the caches (and logits, and any per-row arrays of `extra`) stacked along the batch."""
+  take = lambda arrays: jnp.take(jnp.concatenate(arrays, axis=0), order, axis=0)  # noqa: E731
+  cache = attention.KVCache(k=tuple(map(take, zip(*(c.k for c in caches)))),
+                            v=tuple(map(take, zip(*(c.v for c in caches)))),
+                            positions=take([c.positions for c in caches]),
+                            end=jnp.max(jnp.stack([c.end for c in caches])))
+  return cache, take(logits), tuple(take([e]) for e in extra)
 
 
 def _filtered_log_probs(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, *, top_k: int,
@@ -280,7 +300,7 @@ def _decode(weights, cache: attention.KVCache, logits: jax.Array, stop_ids: jax.
   out.update(step_log_prob=statistics.step_means(s["model_log_probs"], s["lengths"]),
              step_entropy=statistics.step_means(s["entropy"], s["lengths"]),
              step_varentropy=statistics.step_means(s["varentropy"], s["lengths"]),
-             cache=cache, logits=s["logits"])
+             cache=cache, logits=s["logits"], rng=s["rng"])
   return out
 
 
@@ -342,14 +362,20 @@ class Sampler:
         raise ValueError(f"stop string {s!r} is not a single token of this tokenizer.")
     return tuple(ids)
 
-  def prefill(self, prompts: Sequence[Sequence[int]], reserve: int = 0) -> Prefix:
-    """Encodes prompts (token lists) once each into a cache with `reserve` free slots after the prompt bucket."""
+  def prefill(self, prompts: Sequence[Sequence[int]], reserve: int = 0, bucket: int | None = None) -> Prefix:
+    """Encodes prompts (token lists) once each into a cache with `reserve` free slots after the prompt bucket.
+
+    bucket: the prompt length to pad to instead of the smallest prompt bucket (so that the cache's slots match
+    another prefix's).
+    """
     if not prompts:
       raise ValueError("prefill needs at least one prompt.")
     for i, p in enumerate(prompts):
       if len(p) == 0:
         raise ValueError(f"prompt {i} is empty.")
-    length = self.buckets.prompt_bucket(max(len(p) for p in prompts))
+    length = bucket or self.buckets.prompt_bucket(max(len(p) for p in prompts))
+    if length < max(len(p) for p in prompts):
+      raise ValueError(f"a prompt of {max(len(p) for p in prompts)} tokens does not fit bucket={bucket}.")
     rows = self.buckets.padded_rows(len(prompts))
     tokens, valid = pad_rows([list(p) for p in prompts], length, rows)
     valid[len(prompts):, 0] = True  # padding rows hold one dummy token so that every row has a last position
@@ -368,8 +394,13 @@ class Sampler:
     return Prefix(cache=prefix.cache.fork(index), logits=jnp.take(prefix.logits, index, axis=0),
                   num_rows=len(rows))
 
-  def extend(self, prefix: Prefix, continuations: Sequence[Sequence[int]], bucket: int | None = None) -> Prefix:
-    """Appends one token list per row (padded to a new-token bucket); the logits follow each row's last token."""
+  def extend(self, prefix: Prefix, continuations: Sequence[Sequence[int]], bucket: int | None = None, *,
+             donate: bool = False) -> Prefix:
+    """Appends one token list per row (padded to a new-token bucket); the logits follow each row's last token.
+
+    donate: the prefix's cache is not used again by the caller, so it is updated in place (its buffers are
+    deleted).
+    """
     if len(continuations) != prefix.num_rows:
       raise ValueError(f"extend got {len(continuations)} continuations for {prefix.num_rows} rows.")
     length = bucket or self.buckets.new_token_bucket(max(1, max(len(c) for c in continuations)))
@@ -378,12 +409,31 @@ class Sampler:
                        "tokens does not fit (prefill with a larger reserve).")
     tokens, valid = pad_rows([list(c) for c in continuations], length, prefix.cache.batch_size)
     tokens, valid = self._put((tokens, valid))
-    logits, cache = _extend(self.weights, prefix.cache, tokens, valid, config=self.config)
     # Rows with an empty continuation keep the logits they had.
-    logits = jnp.where(jnp.any(valid, axis=1)[:, None], logits, prefix.logits)
+    logits, cache = (_extend_in_place if donate else _extend)(self.weights, prefix.cache, tokens, valid,
+                                                              prefix.logits, config=self.config)
     return Prefix(cache=cache, logits=logits, num_rows=prefix.num_rows)
 
-  def truncate(self, prefix: Prefix, lengths: Sequence[int]) -> Prefix:
+  def gather(self, prefixes: Sequence[Prefix], rows: Sequence[tuple[int, int]]) -> Prefix:
+    """A prefix whose row i is row rows[i][1] of prefixes[rows[i][0]] (all with the same number of slots).
+
+    Rows whose caches end at different slots can share a cache: a row's empty slots (position -1) are invisible
+    to its tokens, so the later `end` of the others only leaves a gap in it.
+    """
+    slots = {p.cache.num_slots for p in prefixes}
+    if len(slots) != 1:
+      raise ValueError(f"prefixes to gather from have {sorted(slots)} slots; they need the same number.")
+    offsets = np.cumsum([0] + [p.cache.batch_size for p in prefixes])
+    order = np.zeros(self.buckets.padded_rows(len(rows)), np.int32)
+    for i, (part, row) in enumerate(rows):
+      if not 0 <= row < prefixes[part].num_rows:
+        raise ValueError(f"row {row} is not one of the {prefixes[part].num_rows} rows of prefix {part}.")
+      order[i] = offsets[part] + row
+    cache, logits, _ = _gather(tuple(p.cache for p in prefixes), tuple(p.logits for p in prefixes), (),
+                               self._put(order))
+    return Prefix(cache=cache, logits=logits, num_rows=len(rows))
+
+  def truncate(self, prefix: Prefix, lengths: Sequence[int], *, donate: bool = False) -> Prefix:
     """Row i keeps its first lengths[i] tokens; the later ones become invisible (their slots' positions -1).
 
     What the search does with a step it cuts (at a stray format token): the cache then holds exactly the prompt
@@ -394,10 +444,12 @@ class Sampler:
       raise ValueError(f"truncate got {len(lengths)} lengths for {prefix.num_rows} rows.")
     padded = np.full(prefix.cache.batch_size, np.iinfo(np.int32).max, np.int32)
     padded[:len(lengths)] = lengths
-    return dataclasses.replace(prefix, cache=_truncate(prefix.cache, self._put(padded)))
+    truncate = _truncate_in_place if donate else _truncate
+    return dataclasses.replace(prefix, cache=truncate(prefix.cache, self._put(padded)))
 
   def sample(self, prefix: Prefix, *, k: int, stop: Sequence[str | int] | Sequence[Sequence[str | int]],
-             max_new_tokens: int, params: SamplingParams = SamplingParams(), seed: int | jax.Array = 0) -> Samples:
+             max_new_tokens: int, params: SamplingParams = SamplingParams(), seed: int | jax.Array = 0,
+             donate: bool = False, compact_every: int = 0) -> Samples:
     """k samples per row of prefix (rows forked, never re-encoded), decoded together.
 
     Args:
@@ -409,6 +461,10 @@ class Sampler:
       params: temperature / top-k / top-p / greedy.
       seed: an int or a PRNG key for the whole batch, or one key per sample ([num_rows * k] keys, row-major like
         the samples): then each sample's tokens depend on its own key only, whatever else is in the batch.
+      donate: the caller does not use prefix again; with k=1 its cache is then decoded in place, not copied.
+      compact_every: with per-sample keys, decode in segments of this many tokens and, after each, move the
+        samples still running into a smaller batch bucket (`_sample_compacting`). The samples are the same as
+        in one segment; the decode's cost follows the running samples instead of the longest one.
     """
     if k < 1:
       raise ValueError(f"k={k} must be at least 1.")
@@ -423,7 +479,7 @@ class Sampler:
     if len(stop_lists) != prefix.num_rows:
       raise ValueError(f"got {len(stop_lists)} stop lists for {prefix.num_rows} rows.")
     rows = np.repeat(np.arange(prefix.num_rows), k)
-    forked = self.fork(prefix, rows)
+    forked = prefix if donate and k == 1 else self.fork(prefix, rows)
     B = forked.cache.batch_size
     width = max(1, max(len(s) for s in stop_lists))
     stop_ids = np.full((B, width), -1, np.int32)
@@ -432,16 +488,78 @@ class Sampler:
     live = np.arange(B) < len(rows)
     stop_ids, live = self._put((stop_ids, live))
     rng = self._row_keys(seed, len(rows), B)
-    decode = _decode_program(jax.default_backend(), B)
-    out = decode(self.weights, forked.cache, forked.logits, stop_ids, live, rng,
-                 jnp.float32(max(params.temperature, 1e-6)), jnp.float32(params.top_p), config=self.config,
-                 max_new=max_new, greedy=params.is_greedy, top_k=params.top_k, use_top_p=params.top_p < 1,
-                 plain=params.temperature == 1 and params.top_k == 0 and params.top_p == 1)
+    run = functools.partial(self._decode_segment, params=params)
+    if compact_every > 0 and rng.ndim == 1 and max_new > compact_every:
+      return self._sample_compacting(run, forked, stop_ids, live, rng, len(rows), max_new, compact_every)
+    out = run(forked.cache, forked.logits, stop_ids, live, rng, max_new)
     n = len(rows)
     host = {name: np.asarray(out[name])[:n] for name in (
         "tokens", "lengths", "stopped", "sampling_log_probs", "model_log_probs", "entropy", "varentropy",
         "step_log_prob", "step_entropy", "step_varentropy")}
     return Samples(**host, prefix=Prefix(cache=out["cache"], logits=out["logits"], num_rows=n))
+
+  def _decode_segment(self, cache, logits, stop_ids, live, rng, max_new: int, *, params: SamplingParams):
+    decode = _decode_program(jax.default_backend(), cache.batch_size)
+    return decode(self.weights, cache, logits, stop_ids, live, rng, jnp.float32(max(params.temperature, 1e-6)),
+                  jnp.float32(params.top_p), config=self.config, max_new=max_new, greedy=params.is_greedy,
+                  top_k=params.top_k, use_top_p=params.top_p < 1,
+                  plain=params.temperature == 1 and params.top_k == 0 and params.top_p == 1)
+
+  def _sample_compacting(self, run, forked: Prefix, stop_ids, live, rng, n: int, max_new: int,
+                         segment: int) -> Samples:
+    """Decodes in segments; after each, the samples that have not stopped continue in a smaller batch.
+
+    A row's draws come from its own key chain (split once per step), and its cache, logits and key travel with
+    it when it moves, so every sample is the one a single `max_new` decode would draw. Rows that stopped stay
+    in the batch they stopped in (their later slots are invisible, as a single decode leaves them); at the end
+    the rows of every batch are gathered back into one prefix in sample order. A batch is only left when the
+    running rows fit a batch bucket at most half its size: moving copies their caches, and every batch size
+    is a decode program to compile.
+    """
+    names = ("tokens", "sampling_log_probs", "model_log_probs", "entropy", "varentropy")
+    buffers = {name: np.zeros((n, max_new), np.int32 if name == "tokens" else np.float32) for name in names}
+    lengths, stopped = np.zeros(n, np.int32), np.zeros(n, bool)
+    at = np.arange(n)   # the sample held by each real row of the current batch
+    parts, where = [], {}
+    cache, logits = forked.cache, forked.logits
+    offset = 0
+    while True:
+      width = min(segment, max_new - offset)
+      out = run(cache, logits, stop_ids, live, rng, width)
+      count = len(at)
+      for name in names:
+        buffers[name][at, offset:offset + width] = np.asarray(out[name])[:count, :width]
+      segment_lengths = np.asarray(out["lengths"])[:count]
+      lengths[at] += segment_lengths
+      stopped[at] |= np.asarray(out["stopped"])[:count]
+      offset += width
+      going = ~stopped[at]
+      padded = self.buckets.padded_rows(int(going.sum()))
+      # Move only into a batch at most half as large: fewer copies, and few batch sizes to compile.
+      padded = padded if padded <= cache.batch_size // 2 else cache.batch_size
+      if offset >= max_new or not going.any() or padded < cache.batch_size:
+        parts.append(Prefix(cache=out["cache"], logits=out["logits"], num_rows=count))
+        for j, sample in enumerate(at):
+          where[int(sample)] = (len(parts) - 1, j)
+      if offset >= max_new or not going.any():
+        break
+      if padded < cache.batch_size:  # move the running rows into a smaller batch
+        keep = np.flatnonzero(going)
+        index = np.zeros(padded, np.int32)
+        index[:len(keep)] = keep
+        cache, logits, (rng, stop_ids) = _gather((out["cache"],), (out["logits"],), (out["rng"], stop_ids),
+                                                 self._put(index))
+        live = self._put(np.arange(padded) < len(keep))
+        at = at[keep]
+      else:               # the stopped rows stay; done rows take no more tokens
+        cache, logits, rng = out["cache"], out["logits"], out["rng"]
+        live = self._put(np.pad(going, (0, cache.batch_size - count)))
+    prefix = self.gather(parts, [where[i] for i in range(n)]) if len(parts) > 1 else parts[0]
+    host = dict(buffers, lengths=lengths, stopped=stopped)
+    for name, source in (("step_log_prob", "model_log_probs"), ("step_entropy", "entropy"),
+                         ("step_varentropy", "varentropy")):
+      host[name] = np.asarray(statistics.step_means(jnp.asarray(buffers[source]), jnp.asarray(lengths)))
+    return Samples(**host, prefix=prefix)
 
   def _row_keys(self, seed: int | jax.Array, count: int, padded: int) -> jax.Array:
     """One key for the batch, or `count` per-sample keys padded to `padded` rows and split over the mesh."""
@@ -457,12 +575,14 @@ class Sampler:
     return self._put(keys) if self.mesh is not None else keys
 
   def score(self, prefix: Prefix, continuations: Sequence[Sequence[int]], positive_id: int,
-            negative_id: int) -> np.ndarray:
+            negative_id: int, *, donate: bool = False) -> np.ndarray:
     """Values log p(positive) after appending each row's continuation (ending in <start_of_rating>).
 
     An empty continuation scores the prefix as it stands (its logits already follow the row's last token).
+    donate: as in `extend`.
     """
-    extended = self.extend(prefix, continuations) if any(len(c) for c in continuations) else prefix
+    extended = (self.extend(prefix, continuations, donate=donate) if any(len(c) for c in continuations)
+                else prefix)
     return np.asarray(rating_values(extended.logits, positive_id, negative_id))[:prefix.num_rows]
 
   def score_texts(self, texts: Sequence[Sequence[int]], positive_id: int, negative_id: int) -> np.ndarray:

@@ -34,19 +34,20 @@ def tree_key(seed: int, problem_id: str) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), zlib.crc32(problem_id.encode()))
 
 
-def child_keys(key: jax.Array, count: int) -> jax.Array:
-  """[count] per-child keys from one round key (child j's key does not depend on count)."""
-  return jax.vmap(lambda j: jax.random.fold_in(key, j))(np.arange(count, dtype=np.uint32))
+def child_keys(key: jax.Array, count: int) -> np.ndarray:
+  """[count, 2] uint32 per-child key data from one round key (child j's key does not depend on count)."""
+  keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(np.arange(count, dtype=np.uint32))
+  return np.asarray(jax.random.key_data(keys))
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """Expand node `node` of tree `tree` into children with these meta actions (and these per-child keys)."""
+  """Expand node `node` of tree `tree` into children with these meta actions (and per-child key data)."""
 
   tree: int
   node: int
   metas: tuple[int, ...]
-  keys: jax.Array | None = None
+  keys: np.ndarray | None = None
 
 
 class Expansions:

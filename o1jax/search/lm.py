@@ -34,9 +34,11 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from o1jax import thoughts
 from o1jax.prompt_tokens import PromptTokens
 from o1jax.sampling.buckets import Buckets
 from o1jax.sampling.sampler import Prefix, Sampler, SamplingParams
+from o1jax.search import expansion
 from o1jax.search.step_model import Request, Step
 
 RATING_CONTEXTS = ("policy", "value")
@@ -53,13 +55,19 @@ def search_buckets(max_rows: int = 64) -> Buckets:
 class LMStepModel:
   """A StepModel over a Sampler and its tokenizer (see the module docstring).
 
+  Args:
+    max_rows: children per sampler call (requests are split into chunks of at most this many).
+    compact_every: decode in segments of this many tokens, moving the running samples into smaller batches
+      (Sampler.sample's compact_every; 0 decodes in one segment).
+    keep_rows: at most this many path caches are kept from one call to the next for nodes expanded again.
+
   Attributes:
     timings: seconds spent per phase ("prefill", "prompt", "decode", "score") since construction.
   """
 
   def __init__(self, sampler: Sampler, tokenizer, *, max_new_tokens: int = 64,
                params: SamplingParams = SamplingParams(temperature=0.7), rating_context: str = "policy",
-               max_rows: int = 64, seed: int = 0):
+               max_rows: int = 64, compact_every: int = 16, keep_rows: int = 256, seed: int = 0):
     if rating_context not in RATING_CONTEXTS:
       raise ValueError(f"rating_context={rating_context!r}; expected one of {RATING_CONTEXTS}.")
     if max_rows < 1 or max_new_tokens < 1:
@@ -71,12 +79,27 @@ class LMStepModel:
     self.params = params
     self.rating_context = rating_context
     self.max_rows = max_rows
+    self.compact_every = compact_every
+    self.keep_rows = keep_rows
     self.stop = sorted(self.prompts.special_ids)
     self.timings: collections.Counter = collections.Counter()
     self._questions: dict[str, list[int]] = {}
     self._values: dict[tuple[str, int], float] = {}
     self._calls = 0
     self._seed = seed
+    # Free slots after a path: its longest hint and header, the step, and the rating suffix. Fixed (not sized per
+    # call) so that every path cache of one prompt bucket has the same slots and can be reused (`path_prefix`).
+    buckets = sampler.buckets
+    # A header with 4-digit ids is 11 tokens with its newline and meta; 16 leaves room for a few more digits.
+    longest_hint = max(len(tokenizer.encode(thoughts.hint(m))) for m in thoughts.META_PREFIXES[1:])
+    self._suffix_slots = buckets.new_token_bucket(longest_hint + 16)
+    step = buckets.new_token_bucket(max_new_tokens)
+    if rating_context == "policy":
+      self._reserve = self._suffix_slots + step + buckets.new_token_bucket(2)
+    else:
+      self._reserve = max(self._suffix_slots + step, buckets.new_token_bucket(max_new_tokens + 24))
+    # The path caches of the last expansion, for nodes expanded again (widening expands a node repeatedly).
+    self._kept: list[tuple[Prefix, dict[tuple[str, int], int]]] = []
 
   # ------------------------------------------------------------------------------------------------ prompts
 
@@ -88,21 +111,47 @@ class LMStepModel:
     lines = [self.prompts.line(n.parent, n.index, n.meta, n.tokens, n.rating) for n in request.path]
     return self.prompts.path(self.prompts.root(question), lines)
 
-  def path_prefix(self, paths: Sequence[Sequence[int]], reserve: int) -> Prefix:
-    """The cache of every path with `reserve` free slots: where a cache of node prefixes would slot in."""
-    return self.sampler.prefill(paths, reserve=reserve)
+  def path_prefix(self, requests: Sequence[Request], paths: Sequence[Sequence[int]],
+                  kept: Sequence[tuple[Prefix, dict[tuple[str, int], int]]] = ()) -> tuple[Prefix, list[bool]]:
+    """The cache of every request's path, one row per request, and which rows were prefilled now.
+
+    A path whose node was expanded in the last `expand` call is taken from that call's caches (LLaMA-O1's
+    widening expands a node several simulations in a row); the others are prefilled, into the same prompt
+    bucket when they fit so that both kinds of rows share one cache. This is the one place where a pool of node
+    caches (a child's pages extending its parent's) would slot in.
+    """
+    where = {key: (source, row) for source, (_, rows) in enumerate(kept) for key, row in rows.items()}
+    hits = [where.get((r.problem, r.node)) for r in requests]
+    if not any(hits):
+      return self.sampler.prefill(paths, reserve=self._reserve), [True] * len(requests)
+    # Rows can share a cache only with the same slots: keep the hits of the most common slot count.
+    slots = collections.Counter(kept[h[0]][0].cache.num_slots for h in hits if h).most_common(1)[0][0]
+    hits = [h if h and kept[h[0]][0].cache.num_slots == slots else None for h in hits]
+    missing = [i for i, h in enumerate(hits) if h is None]
+    bucket = slots - self._reserve
+    if missing and max(len(paths[i]) for i in missing) > bucket:
+      return self.sampler.prefill(paths, reserve=self._reserve), [True] * len(requests)
+    used = sorted({h[0] for h in hits if h})
+    sources = [kept[source][0] for source in used]
+    if missing:
+      sources.append(self.sampler.prefill([paths[i] for i in missing], reserve=self._reserve, bucket=bucket))
+    part = {source: n for n, source in enumerate(used)}
+    new_row = {i: (len(sources) - 1, j) for j, i in enumerate(missing)}
+    order = [new_row[i] if h is None else (part[h[0]], h[1]) for i, h in enumerate(hits)]
+    return self.sampler.gather(sources, order), [h is None for h in hits]
 
   # -------------------------------------------------------------------------------------------- the protocol
 
   def expand(self, requests: Sequence[Request]) -> list[list[Step]]:
     self._values = {}
+    kept, self._kept = self._kept, []   # this call's chunks keep their path caches in place of the last call's
     out: list[list[Step]] = []
     chunk: list[Request] = []
     rows = 0
     for request in list(requests) + [None]:
       k = 0 if request is None else len(request.child_ids)
       if chunk and (request is None or rows + k > self.max_rows):
-        out += self._expand_chunk(chunk)
+        out += self._expand_chunk(chunk, kept)
         chunk, rows = [], 0
       if request is not None:
         chunk.append(request)
@@ -128,16 +177,17 @@ class LMStepModel:
     return out
 
   def _keys(self, requests: Sequence[Request]) -> jax.Array:
-    keys = []
+    """One key per child: the requests' own, or (without) keys from the model's seed and call count."""
+    data = []
     for i, r in enumerate(requests):
       if r.keys is None:
         base = jax.random.fold_in(jax.random.fold_in(jax.random.key(self._seed), self._calls), i)
-        keys.append(jax.vmap(lambda j, b=base: jax.random.fold_in(b, j))(np.arange(len(r.child_ids), dtype=np.uint32)))
+        data.append(expansion.child_keys(base, len(r.child_ids)))
       else:
-        keys.append(r.keys)
-    return jax.numpy.concatenate(keys)
+        data.append(np.asarray(r.keys, np.uint32).reshape(len(r.child_ids), -1))
+    return jax.random.wrap_key_data(np.concatenate(data))
 
-  def _expand_chunk(self, requests: Sequence[Request]) -> list[list[Step]]:
+  def _expand_chunk(self, requests: Sequence[Request], kept) -> list[list[Step]]:
     buckets = self.sampler.buckets
     paths = [self.path_tokens(r) for r in requests]
     rows, suffixes = [], []
@@ -146,18 +196,24 @@ class LMStepModel:
         rows.append(i)
         suffixes.append(self.prompts.policy_suffix(r.node, child, meta, hint))
     suffix_bucket = buckets.new_token_bucket(max(len(s) for s in suffixes))
-    step_bucket = buckets.new_token_bucket(self.max_new_tokens)
-    if self.rating_context == "policy":
-      reserve = suffix_bucket + step_bucket + buckets.new_token_bucket(2)
-    else:
-      reserve = max(suffix_bucket + step_bucket, buckets.new_token_bucket(self.max_new_tokens + 24))
-    prefix = self._timed("prefill", self.path_prefix, paths, reserve)
+    if suffix_bucket > self._suffix_slots:
+      raise ValueError(f"a hint and header of {max(len(s) for s in suffixes)} tokens do not fit the "
+                       f"{self._suffix_slots} slots kept for them (a ground-truth hint this long?).")
+    start = time.perf_counter()
+    prefix, prefilled = self.path_prefix(requests, paths, kept)
+    jax.block_until_ready(prefix.logits)
+    self.timings["prefill"] += time.perf_counter() - start
+    # Keep this chunk's path caches for the next call, up to keep_rows paths (a round of best-of-N over many
+    # problems expands thousands of distinct nodes, none of them twice: keeping those would only hold memory).
+    if sum(p.num_rows for p, _ in self._kept) + prefix.num_rows <= self.keep_rows:
+      self._kept.append((prefix, {(r.problem, r.node): i for i, r in enumerate(requests)}))
     prompted = self._timed("prompt", lambda: self.sampler.extend(self.sampler.fork(prefix, rows), suffixes,
-                                                                  bucket=suffix_bucket))
+                                                                  bucket=suffix_bucket, donate=True))
     samples = self._timed("decode", self.sampler.sample, prompted, k=1, stop=self.stop,
-                          max_new_tokens=self.max_new_tokens, params=self.params, seed=self._keys(requests))
+                          max_new_tokens=self.max_new_tokens, params=self.params, seed=self._keys(requests),
+                          donate=True, compact_every=self.compact_every)
     prompt_lengths = [len(paths[i]) + len(s) for i, s in zip(rows, suffixes)]
-    steps, kept = [], []
+    steps, kept_tokens = [], []
     sequences = samples.sequences()
     for j, sequence in enumerate(sequences):
       stopped = bool(samples.stopped[j])
@@ -171,25 +227,27 @@ class LMStepModel:
                         varentropy=mean(samples.varentropy),
                         token_log_probs=np.asarray(samples.model_log_probs[j, :counted], np.float32),
                         generated=int(samples.lengths[j])))
-      kept.append(tokens)
+      kept_tokens.append(tokens)
     eot, sor = self.prompts.end_of_thought, self.prompts.start_of_rating
     if self.rating_context == "policy":
-      cut = self.sampler.truncate(samples.prefix, [p + len(t) for p, t in zip(prompt_lengths, kept)])
-      continuations = [[eot, sor]] * len(kept)
+      cut = self.sampler.truncate(samples.prefix, [p + len(t) for p, t in zip(prompt_lengths, kept_tokens)],
+                                  donate=True)
+      continuations = [[eot, sor]] * len(kept_tokens)
       values = self._timed("score", self.sampler.score, cut, continuations, self.prompts.positive,
-                           self.prompts.negative)
+                           self.prompts.negative, donate=True)
     else:
       continuations = []
       for i, r in enumerate(requests):
         for child, meta in zip(r.child_ids, r.metas):
-          continuations.append(self.prompts.rating_suffix(r.node, child, meta, kept[len(continuations)]))
+          continuations.append(self.prompts.rating_suffix(r.node, child, meta, kept_tokens[len(continuations)]))
       values = self._timed("score", lambda: self.sampler.score(self.sampler.fork(prefix, rows), continuations,
-                                                               self.prompts.positive, self.prompts.negative))
+                                                               self.prompts.positive, self.prompts.negative,
+                                                               donate=True))
     out, j = [], 0
     for i, r in enumerate(requests):
       request_steps = []
       for n, child in enumerate(r.child_ids):
-        prompt_tokens = len(suffixes[j]) + (len(paths[i]) if n == 0 else 0)
+        prompt_tokens = len(suffixes[j]) + (len(paths[i]) if n == 0 and prefilled[i] else 0)
         request_steps.append(Step(**steps[j], prompt_tokens=prompt_tokens, rating_tokens=len(continuations[j])))
         self._values[(r.problem, child)] = min(float(values[j]), 0.0)
         j += 1

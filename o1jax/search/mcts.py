@@ -367,7 +367,8 @@ def search(model: StepModel, problems: Sequence[Problem], config: MCTSConfig, *,
     full = expandable & (host.num_nodes + k > config.num_nodes)
     done |= full
     active = ~done
-    plans = [Plan(tree=b, node=int(node[b]), metas=tuple(metas[b]), keys=chosen["keys"][b])
+    key_data = np.asarray(jax.random.key_data(chosen["keys"]))
+    plans = [Plan(tree=b, node=int(node[b]), metas=tuple(metas[b]), keys=key_data[b])
              for b in np.flatnonzero(active & expandable)]
     new = {name: np.zeros((padded, k) + (() if name != "tokens" else (config.max_step_tokens,)), dtype)
            for name, dtype in (("parents", np.int32), ("tokens", np.int32), ("length", np.int32),

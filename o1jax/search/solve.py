@@ -41,7 +41,7 @@ from o1jax.search.step_model import StepModel
 STRATEGIES = ("mcts", "beam", "dvts", "best_of_n", "weighted_best_of_n", "majority", "chain")
 _BEAM_ANSWER = {"best_of_n": "best", "weighted_best_of_n": "weighted", "majority": "majority"}
 # Config entries that do not change what a problem's search gives (a rerun may change them).
-_RESUMABLE_CHANGES = ("num_problems", "batch_size", "sampling.max_rows")
+_RESUMABLE_CHANGES = ("num_problems", "batch_size", "sampling.max_rows", "sampling.compact_every")
 
 
 def strategy_config(config: ml_collections.ConfigDict) -> mcts.MCTSConfig | beam.BeamConfig:
@@ -85,9 +85,15 @@ def load_step_model(config: ml_collections.ConfigDict, mesh=None) -> lm.LMStepMo
   loaded = pretrained.load(config.model.path, adapter=config.model.adapter or None, dtype=config.model.dtype)
   sampler = Sampler(loaded.model, vocab=loaded.tokenizer.vocab(), mesh=mesh,
                     buckets=lm.search_buckets(config.sampling.max_rows))
-  return lm.LMStepModel(sampler, loaded.tokenizer, max_new_tokens=config.sampling.max_new_tokens,
+  return step_model_for(config, sampler, loaded.tokenizer)
+
+
+def step_model_for(config: ml_collections.ConfigDict, sampler, tokenizer) -> lm.LMStepModel:
+  """An LMStepModel over an existing Sampler with the config's sampling settings (the chain samples greedily)."""
+  return lm.LMStepModel(sampler, tokenizer, max_new_tokens=config.sampling.max_new_tokens,
                         params=sampling_params(config), rating_context=config.sampling.rating_context,
-                        max_rows=config.sampling.max_rows, seed=config.seed)
+                        max_rows=config.sampling.max_rows, compact_every=config.sampling.compact_every,
+                        seed=config.seed)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Protocol, Sequence
 
-import jax
 import numpy as np
 
 
@@ -60,7 +59,8 @@ class Request:
     child_ids: [k] the new nodes' local ids (each child's prompt carries its own id in its header).
     metas: [k] each child's meta action (index into thoughts.META_ACTIONS).
     hints: [k] each child's hint block ("" for none).
-    keys: [k] PRNG keys, one per child (the sampler draws child j's tokens from keys[j] only).
+    keys: [k, 2] uint32 PRNG key data (`jax.random.key_data`), one key per child: the sampler draws child j's
+      tokens from keys[j] only.
   """
 
   tree: int
@@ -70,7 +70,7 @@ class Request:
   child_ids: tuple[int, ...]
   metas: tuple[int, ...]
   hints: tuple[str, ...]
-  keys: jax.Array | None = None
+  keys: np.ndarray | None = None
 
   @property
   def node(self) -> int:

@@ -3,6 +3,7 @@ bad checkpoints get one clear sentence."""
 
 import json
 import os
+import re
 
 import gguf
 import jax
@@ -126,3 +127,71 @@ def test_not_a_gguf_file(tmp_path):
   (tmp_path / "weights.bin").write_bytes(b"\0" * 16)
   with pytest.raises(hf_io.CheckpointError, match="not a .gguf"):
     hf_io.load_pretrained(str(tmp_path / "weights.bin"))
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"{\"model_type\": \"llama\",", "Expecting property name enclosed in double quotes"),
+    (b"\xff\xfe garbage", "'utf-8' codec can't decode byte 0xff"),
+])
+def test_config_json_that_is_not_json(saved_llama, content, reason):
+  config_path = str(saved_llama / "config.json")
+  (saved_llama / "config.json").write_bytes(content)
+  with pytest.raises(hf_io.CheckpointError) as error:
+    hf_io.load_pretrained(str(saved_llama))
+  message = str(error.value)
+  assert message.startswith(f"{config_path!r} is not valid JSON ({reason}"), message
+  assert message.endswith("; expected a Hugging Face config.json.")
+
+
+def test_config_json_that_is_not_an_object(saved_llama):
+  (saved_llama / "config.json").write_text("[1, 2]")
+  with pytest.raises(hf_io.CheckpointError, match=r"config.json' holds a JSON list; expected a Hugging Face "
+                                                  r"config.json \(a JSON object\)"):
+    hf_io.load_pretrained(str(saved_llama))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda raw: raw[:len(raw) // 2], "incomplete metadata, file not fully covered"),
+    (lambda raw: b"", "header too small"),
+    (lambda raw: b"\x00" * 7 + b"\x7f" + raw[8:], "header too large"),
+])
+def test_corrupt_safetensors(saved_llama, damage, reason):
+  file = saved_llama / "model.safetensors"
+  file.write_bytes(damage(file.read_bytes()))
+  with pytest.raises(hf_io.CheckpointError) as error:
+    hf_io.load_pretrained(str(saved_llama))
+  assert str(error.value) == (f"weights file {str(file)!r} is not a valid safetensors file ({reason}); expected "
+                              "the weights of a Hugging Face checkpoint.")
+
+
+def _llama_gguf(path: str, *, head_count: bool = True) -> str:
+  """A 1-layer Llama GGUF header with one tensor (enough for the reader to get to the fields)."""
+  writer = gguf.GGUFWriter(path, "llama")
+  writer.add_block_count(1)
+  writer.add_embedding_length(8)
+  writer.add_feed_forward_length(16)
+  if head_count:
+    writer.add_head_count(2)
+  writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return path
+
+
+@pytest.mark.parametrize("keep", [0, 4, 30, -1])
+def test_truncated_gguf(tmp_path, keep):
+  path = _llama_gguf(str(tmp_path / "model.gguf"))
+  raw = open(path, "rb").read()
+  with open(path, "wb") as f:
+    f.write(raw[:keep] if keep >= 0 else raw[:-1])
+  with pytest.raises(ConfigError, match=f"^{re.escape(repr(path))} is not a readable GGUF file \\(.+\\); expected "
+                                        "a complete llama.cpp GGUF file.$"):
+    hf_io.load_pretrained(path)
+
+
+def test_gguf_without_a_required_field(tmp_path):
+  path = _llama_gguf(str(tmp_path / "model.gguf"), head_count=False)
+  with pytest.raises(ConfigError, match="GGUF file .*model.gguf lacks the field 'llama.attention.head_count'"):
+    hf_io.load_pretrained(path)

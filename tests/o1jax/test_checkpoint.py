@@ -1,6 +1,8 @@
 """Orbax checkpoints: sharded round trips, retention, JSON items, crash safety and errors."""
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -178,3 +180,53 @@ def test_relative_directory(tmp_path, monkeypatch):
   assert os.path.isdir(tmp_path / "runs" / "ckpt" / "1")
   np.testing.assert_array_equal(restored["w"], state["w"])
   assert data_state == {"next_index": 3}
+
+
+def _damage_state_metadata(step_dir):
+  (step_dir / "state" / "_METADATA").write_bytes(b"\x87" * 32)
+
+
+def _truncate_state_metadata(step_dir):
+  path = step_dir / "state" / "_METADATA"
+  path.write_bytes(path.read_bytes()[:5])
+
+
+def _delete_state(step_dir):
+  shutil.rmtree(step_dir / "state")
+
+
+def _truncate_array_data(step_dir):
+  for path in (step_dir / "state" / "d").iterdir():
+    path.write_bytes(path.read_bytes()[:5])
+
+
+def _delete_manifest(step_dir):
+  (step_dir / "state" / "manifest.ocdbt").unlink()
+
+
+# When one read of a restore fails, orbax's other reads in flight may finish on its closed event loop: Python then
+# reports an ignored RuntimeError ("Event loop is closed"), orbax's cleanup, not the restore's result.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage, reason", [
+    (_damage_state_metadata, r"UnicodeDecodeError: 'utf-8' codec can't decode byte 0x87 .*"),
+    (_truncate_state_metadata, r"JSONDecodeError: Unterminated string .*"),
+    (_delete_state, r"no 'state' item, only \['metadata'\]"),
+    (_truncate_array_data, r"OUT_OF_RANGE: .*"),
+    (_delete_manifest, r"NOT_FOUND: .* does not exist"),
+])
+def test_damaged_step_is_named(tmp_path, damage, reason):
+  """A step whose files were truncated, overwritten or deleted after it finished: one sentence naming the step's
+  directory, not orbax's or TensorStore's own error."""
+  state = {"w": jnp.arange(8.0), "step": jnp.asarray(3)}
+  with checkpoint.Checkpointer(tmp_path, save_every=1) as ckpt:
+    ckpt.save(1, state, metadata={"step": 1})
+  damage(tmp_path / "1")
+  with checkpoint.Checkpointer(tmp_path, save_every=1) as ckpt:
+    assert ckpt.latest_step() == 1
+    with pytest.raises(ValueError) as error:
+      ckpt.restore(target=state)
+  message = str(error.value)
+  assert re.fullmatch(f"checkpoint step 1 in {re.escape(repr(str(tmp_path)))} is corrupt or incomplete "
+                      f"\\({reason}\\); delete {re.escape(repr(str(tmp_path / '1')))} to resume from the step "
+                      "before it, or the whole directory to start over.", message), message
+  assert "\n" not in message and "tensorstore_spec" not in message and len(message) < 800

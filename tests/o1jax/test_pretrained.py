@@ -51,3 +51,34 @@ def test_adapter_errors(tiny_smollm2_checkpoint, tmp_path):
                          dtype="float32")
   with pytest.raises(ValueError, match="was trained on 'another-model'"):
     pretrained.load(tiny_smollm2_checkpoint, adapter=path)
+
+
+def _small_adapter(path: str, *, metadata: dict, extra: dict) -> str:
+  """An adapter file for a made-up 1-layer model (only the file's contents matter to these checks)."""
+  config = lora.LoraConfig(rank=1, alpha=1.0, targets=("q",))
+  factors = {"layers": {"q": {"a": np.zeros((1, 4, 1), np.float32), "b": np.zeros((1, 1, 2, 2), np.float32)}}}
+  lora.save(path, factors, config, extra=extra, metadata=metadata)
+  return path
+
+
+@pytest.mark.parametrize("metadata, extra, lacks", [
+    ({}, {"new_rows": np.zeros((2, 4), np.float32)}, "special_tokens and base_vocab"),
+    ({"special_tokens": ["<a>"]}, {"new_rows": np.zeros((2, 4), np.float32)}, "base_vocab"),
+    ({"special_tokens": ["<a>"], "base_vocab": 8}, {}, "the new_rows array"),
+])
+def test_adapter_without_the_format_metadata(tmp_path, metadata, extra, lacks):
+  path = _small_adapter(str(tmp_path / "bare.safetensors"), metadata=metadata, extra=extra)
+  loaded = pretrained.Loaded(model=None, tokenizer=None, base_vocab=8, special_tokens=("<a>",))
+  with pytest.raises(ValueError) as error:
+    pretrained.read_adapter(loaded, path, "base")
+  assert str(error.value) == f"adapter {path!r} lacks {lacks}; expected an adapter written by launch.pretrain."
+
+
+def test_adapter_is_read_before_the_checkpoint(tmp_path):
+  """A corrupt adapter fails at once, before the (slow) checkpoint is read: here the checkpoint directory has no
+  config.json, and the error is still the adapter's."""
+  adapter = tmp_path / "corrupt.safetensors"
+  adapter.write_bytes(b"\xff" * 64)
+  (tmp_path / "model").mkdir()
+  with pytest.raises(ValueError, match="corrupt.safetensors' is not a valid safetensors file"):
+    pretrained.load(str(tmp_path / "model"), adapter=str(adapter))

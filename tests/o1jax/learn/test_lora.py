@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from models import decoder, presets
 from o1jax.learn import lora
@@ -201,9 +202,57 @@ def test_errors(tmp_path):
   with pytest.raises(ValueError, match=r"adapter for 'q' has shapes a \(2, 32, 4\).* at rank 2 expects a \(2, 32, 2\)"):
     lora.merge(weights, adapter, lora.LoraConfig(rank=2, alpha=8.0, targets=("q",)))
   not_lora = tmp_path / "plain.safetensors"
-  import safetensors.numpy
   safetensors.numpy.save_file({"x": np.zeros(2, np.float32)}, str(not_lora))
   with pytest.raises(ValueError, match="is not an o1jax LoRA adapter file"):
     lora.load(not_lora)
   with pytest.raises(FileNotFoundError, match="LoRA adapter file .*nope.safetensors' does not exist"):
     lora.load(tmp_path / "nope.safetensors")
+
+
+def _adapter_file(tmp_path, **header_changes) -> str:
+  """A small valid adapter file (rank 2 on q), with entries of its safetensors header replaced."""
+  weights = _weights()
+  config = lora.LoraConfig(rank=2, alpha=4.0, targets=("q",))
+  path = str(tmp_path / "adapter.safetensors")
+  lora.save(path, lora.init(weights, config, jax.random.key(0)), config, metadata={"base": "tiny"})
+  if header_changes:
+    tensors = safetensors.numpy.load_file(path)
+    header = {"format": "o1jax-lora", "lora_config": config.to_json(), "metadata": "{}", **header_changes}
+    safetensors.numpy.save_file(tensors, path, metadata=header)
+  return path
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda raw: b"", "header too small"),
+    (lambda raw: raw[:-3], "incomplete metadata, file not fully covered"),
+    (lambda raw: raw[:40], "invalid header length"),
+    (lambda raw: bytes(range(256)) * 8, "header too large"),
+])
+def test_load_names_a_file_that_is_not_safetensors(tmp_path, damage, reason):
+  path = _adapter_file(tmp_path)
+  with open(path, "rb") as f:
+    raw = f.read()
+  with open(path, "wb") as f:
+    f.write(damage(raw))
+  with pytest.raises(ValueError) as error:
+    lora.load(path)
+  assert str(error.value) == (f"LoRA adapter file {path!r} is not a valid safetensors file ({reason}); expected a "
+                              "LoRA adapter written by launch.pretrain (lora.save).")
+
+
+@pytest.mark.parametrize("header, message", [
+    (dict(lora_config="{rank: 2"), r"has an unreadable header \(JSONDecodeError: Expecting property name"),
+    (dict(lora_config='{"rank": 2}'), r"has an unreadable header \(KeyError: 'alpha'\)"),
+    (dict(lora_config='{"rank": 0, "alpha": 1.0, "targets": ["q"]}'),
+     r"has an unreadable header \(ValueError: LoRA rank must be a positive integer; got 0.\)"),
+    (dict(metadata="[1, 2]"), "has metadata of type list"),
+])
+def test_load_names_a_file_with_a_bad_header(tmp_path, header, message):
+  path = _adapter_file(tmp_path, **header)
+  with pytest.raises(ValueError, match=f"LoRA adapter file '.*adapter.safetensors' {message}"):
+    lora.load(path)
+
+
+def test_load_names_a_directory(tmp_path):
+  with pytest.raises(IsADirectoryError, match=f"LoRA adapter file {str(tmp_path)!r} is a directory; expected a LoRA"):
+    lora.load(tmp_path)

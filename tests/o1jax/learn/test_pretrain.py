@@ -131,3 +131,22 @@ def test_rating_run_rejects_bad_settings(tiny_smollm2_checkpoint, tmp_path, chan
   config.lora.rank = change.get("rank", config.lora.rank)
   with pytest.raises(ValueError, match=message):
     pretrain.run(config, str(tmp_path / "rating"))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(kinds=("ratings",)), "data.kinds=\\('ratings',\\); expected a non-empty subset"),
+    (dict(loss="value"), "train.loss='value'; expected 'next_token' or 'rating'"),
+    (dict(targets=("qkv",)), "unknown LoRA target 'qkv'"),
+    (dict(batch_size=3), "data.batch_size=3 does not split over the mesh's 8 batch shards"),
+])
+def test_prepare_checks_the_config_before_reading_any_file(tmp_path, change, message):
+  """A bad setting fails at once: before the model (a path that does not exist here) is read, and before the
+  work directory is made."""
+  config = _config(str(tmp_path / "no_model"), str(tmp_path / "adapter.safetensors"))
+  config.data.kinds = change.get("kinds", config.data.kinds)
+  config.train.loss = change.get("loss", config.train.loss)
+  config.lora.targets = change.get("targets", config.lora.targets)
+  config.data.batch_size = change.get("batch_size", config.data.batch_size)
+  with pytest.raises(ValueError, match=message):
+    pretrain.prepare(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")

@@ -150,6 +150,32 @@ def test_per_sample_keys_make_a_row_independent_of_its_batch(sampler, models):
                    seed=keys[:2])
 
 
+def test_compacting_decode_draws_the_same_samples(models):
+  """Segments of 4 tokens with the running rows moved into smaller batches: the same tokens, statistics and
+  caches (the values rated on top) as one 16-token decode. Stop tokens are a third of the vocabulary, so the
+  rows stop at different steps and the batch shrinks."""
+  model = models[1]
+  sampler = Sampler(model, vocab=VOCAB, buckets=Buckets(prompt=(8, 16, 32), new_tokens=(4, 8, 16), batch=(2, 4, 8, 16)))
+  batch_prompts = prompts(model.config.vocab_size, [3, 9, 5, 7, 4, 6], seed=8)
+  keys = jax.random.split(jax.random.key(3), 12)
+  stop = list(range(13, model.config.vocab_size // 3))
+  params = SamplingParams(temperature=1.0)
+  results = []
+  for compact in (0, 4):
+    prefix = sampler.prefill(batch_prompts, reserve=16 + 4)
+    samples = sampler.sample(prefix, k=2, stop=stop, max_new_tokens=16, params=params, seed=keys,
+                             compact_every=compact)
+    results.append((samples, sampler.score(samples.prefix, [[9]] * 12, 11, 12)))
+  (one, v1), (seg, v2) = results
+  assert len(set(one.lengths.tolist())) >= 3 and one.lengths.min() < 8 < one.lengths.max()
+  np.testing.assert_array_equal(one.tokens, seg.tokens)
+  np.testing.assert_array_equal(one.lengths, seg.lengths)
+  np.testing.assert_array_equal(one.stopped, seg.stopped)
+  for name in ("model_log_probs", "entropy", "varentropy", "step_log_prob", "step_varentropy"):
+    np.testing.assert_allclose(getattr(one, name), getattr(seg, name), atol=1e-5, err_msg=name)
+  np.testing.assert_allclose(v1, v2, atol=1e-5)
+
+
 def test_batch_buckets_pad_rows():
   buckets = Buckets(batch=(4, 8, 16), rows=8)
   assert [buckets.padded_rows(n) for n in (1, 4, 5, 9, 17)] == [8, 8, 8, 16, 24]

@@ -42,7 +42,9 @@ def step_model(loaded, rating_context="policy", max_rows=16):
                         rating_context=rating_context, max_rows=max_rows)
 
 
-CONFIG = mcts.MCTSConfig(num_simulations=3, max_children=2, max_depth=4, max_step_tokens=8)
+# max_children=4: the root is expanded at simulations 1 and 2 (its path cache reused at 2), then each tree descends
+# and widens one child at simulations 3 and 4 (reused at 4).
+CONFIG = mcts.MCTSConfig(num_simulations=4, max_children=4, max_depth=4, max_step_tokens=8)
 
 
 def whole_prompt(model, result, node, rating_context):
@@ -66,7 +68,12 @@ def whole_prompt(model, result, node, rating_context):
 @pytest.mark.parametrize("rating_context", ["policy", "value"])
 def test_values_equal_scoring_each_whole_prompt(loaded, rating_context):
   model = step_model(loaded, rating_context, max_rows=4)   # 3 trees x 2 children: two chunks per simulation
+  prefilled = []
+  prefill = model.sampler.prefill
+  model.sampler.prefill = lambda prompts, **kw: prefilled.append(len(prompts)) or prefill(prompts, **kw)
   results = mcts.search(model, PROBLEMS, CONFIG, progress=False)
+  expansions = sum(r.num_nodes for r in results) // 2
+  assert sum(prefilled) < expansions   # paths of nodes expanded again were not prefilled again
   prompts, ratings = [], []
   for r in results:
     for node in range(1, r.num_nodes + 1):
