@@ -78,8 +78,8 @@ def step_format_rate(sampler: Sampler, tokenizer, prompts: Sequence[str], *, bat
   generated: list[str] = []
   for start in tqdm.trange(0, len(prompts), batch_size, desc="sample steps", unit="batch", leave=False):
     chunk = [tokenizer.encode(p) for p in prompts[start:start + batch_size]]
-    samples = sampler.sample(sampler.prefill(chunk, reserve=sampler.buckets.new_token_bucket(max_new_tokens)), k=1, stop=stop,
-                             max_new_tokens=max_new_tokens, params=params, seed=seed + start)
+    prefix = sampler.prefill(chunk, reserve=sampler.buckets.new_token_bucket(max_new_tokens))
+    samples = sampler.sample(prefix, k=1, stop=stop, max_new_tokens=max_new_tokens, params=params, seed=seed + start)
     generated.extend(tokenizer.decode(ids) for ids in samples.sequences())
   good = 0
   for text in generated:

@@ -279,3 +279,13 @@ def test_ground_truth_hint_only_when_asked():
   for meta, hint in zip(request.metas, request.hints):
     expected = thoughts.hint(thoughts.meta_prefix(meta), "12", llama_o1_compat=True)
     assert hint == expected
+
+
+def test_the_protocol_docstring_example_runs(capsys):
+  """o1jax/search/step_model.py's example, as written there (outside checks start from it)."""
+  import textwrap
+  doc = step_model.__doc__
+  code = textwrap.dedent(doc[doc.index("  from o1jax.search import mcts"):doc.index("Legend:")])
+  exec(compile(code, "step_model docstring", "exec"), {})
+  out = capsys.readouterr().out
+  assert out.startswith("4 <start_of_father_id>-1") and len(thoughts.parse(out[2:].strip())) == 13
