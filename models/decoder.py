@@ -59,6 +59,37 @@ def weight_shapes(config: DecoderConfig) -> dict[str, Any]:
   return shapes
 
 
+def weight_logical_axes(config: DecoderConfig) -> dict[str, Any]:
+  """The logical axis names of every weight, in the layout of `weight_shapes` (one name per dimension).
+
+  Names: "vocab", "embed" (d_model), "heads", "kv_heads", "head_dim", "mlp" (ffw_dim), "layers" (the stacked
+  layer axis) and "norm" (a norm's scale). A mesh's rules map them onto mesh axes (o1jax.parallel.LOGICAL_RULES);
+  the models package itself knows nothing of meshes.
+  """
+  per_layer = {
+      "attn_norm": ("norm",),
+      "q": ("embed", "heads", "head_dim"),
+      "k": ("embed", "kv_heads", "head_dim"),
+      "v": ("embed", "kv_heads", "head_dim"),
+      "o": ("heads", "head_dim", "embed"),
+      "ffw_norm": ("norm",),
+      "gate": ("embed", "mlp"),
+      "up": ("embed", "mlp"),
+      "down": ("mlp", "embed"),
+  }
+  if config.is_gemma:
+    per_layer["post_attn_norm"] = ("norm",)
+    per_layer["post_ffw_norm"] = ("norm",)
+  axes: dict[str, Any] = {
+      "embed": ("vocab", "embed"),
+      "layers": {name: ("layers", *names) for name, names in per_layer.items()},
+      "final_norm": ("norm",),
+  }
+  if not config.tie_embeddings:
+    axes["head"] = ("embed", "vocab")
+  return axes
+
+
 def _is_norm(name: str) -> bool:
   return name.endswith("norm")
 

@@ -108,9 +108,9 @@ class Expansions:
         raise ValueError(f"request for node {request.node} of problem {request.problem!r} asked for {k} children; "
                          f"the step model gave {len(request_steps)} steps and {len(request_values)} values.")
       for step, value in zip(request_steps, request_values):
-        if len(step.tokens) > self.step_slots:
-          raise ValueError(f"a step of {len(step.tokens)} tokens does not fit the tree's {self.step_slots} step "
-                           "slots; raise the config's max_step_tokens.")
+        if len(step.tokens) + int(step.finished) > self.step_slots:
+          raise ValueError(f"a step of {len(step.tokens)} tokens (and its end) does not fit the tree's "
+                           f"{self.step_slots} step slots; raise the config's max_step_tokens.")
         if not value <= 1e-6:
           raise ValueError(f"the step model rated a node {value}; values are log p(positive) <= 0.")
     return steps, values
@@ -125,7 +125,8 @@ class Expansions:
     """
     B, L = tree.batch_size, self.step_slots
     out = dict(parents=np.zeros((B, width), np.int32), count=np.zeros((B,), np.int32),
-               tokens=np.zeros((B, width, L), np.int32), length=np.zeros((B, width), np.int32),
+               tokens=np.zeros((B, width, L), np.int32), log_probs=np.zeros((B, width, L), np.float32),
+               length=np.zeros((B, width), np.int32),
                **{name: np.zeros((B, width), dtype) for name, dtype in tree_lib.NODE_FIELDS.items()})
     out["outcome"][:] = tree_lib.UNKNOWN
     to_grade = []  # (b, row, answer, truth)
@@ -141,6 +142,9 @@ class Expansions:
         stated = answers_lib.stated_answer(step.text) is not None
         out["parents"][b, row] = request.node
         out["tokens"][b, row, :len(step.tokens)] = step.tokens
+        if step.token_log_probs is not None:
+          behaviour = np.asarray(step.token_log_probs, np.float32)[:L]
+          out["log_probs"][b, row, :len(behaviour)] = behaviour
         out["length"][b, row] = len(step.tokens)
         out["meta"][b, row] = meta
         out["rating"][b, row] = min(float(value), 0.0)

@@ -370,9 +370,10 @@ def search(model: StepModel, problems: Sequence[Problem], config: MCTSConfig, *,
     key_data = np.asarray(jax.random.key_data(chosen["keys"]))
     plans = [Plan(tree=b, node=int(node[b]), metas=tuple(metas[b]), keys=key_data[b])
              for b in np.flatnonzero(active & expandable)]
-    new = {name: np.zeros((padded, k) + (() if name != "tokens" else (config.max_step_tokens,)), dtype)
-           for name, dtype in (("parents", np.int32), ("tokens", np.int32), ("length", np.int32),
-                               *tree_lib.NODE_FIELDS.items())}
+    new = {name: np.zeros((padded, k) + (() if name not in ("tokens", "log_probs") else (config.max_step_tokens,)),
+                          dtype)
+           for name, dtype in (("parents", np.int32), ("tokens", np.int32), ("log_probs", np.float32),
+                               ("length", np.int32), *tree_lib.NODE_FIELDS.items())}
     new["count"] = np.zeros((padded,), np.int32)
     if plans:
       requests = expansions.requests(host, plans)

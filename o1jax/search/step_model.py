@@ -93,7 +93,8 @@ class Step:
     finished: it ended with <end_of_thought> (False: out of tokens, or cut at another format token).
     log_prob: mean log-prob of its tokens under the model (LLaMA-O1's length-normalised log-prob; the prior).
     entropy, varentropy: means over its tokens.
-    token_log_probs: [n] float32 behaviour log-probs of its tokens under the model (for the learner), or None.
+    token_log_probs: [n + finished] float32 behaviour log-probs, under the model, of its tokens and (when
+      finished) of its <end_of_thought>: the learner's old policy. None when the model records none.
     generated: tokens the model drew for it (the stopping token included).
     prompt_tokens: tokens the model encoded to prompt it (its share of the path and its own header and hint).
     rating_tokens: tokens the model encoded to rate it.
@@ -139,13 +140,15 @@ Script = Callable[[str, tuple[int, ...], int, int], ScriptedStep]
 class ScriptedStepModel:
   """A `StepModel` whose every step comes from `script(problem, path_ids, child_id, meta)`.
 
-  A step's tokens are the UTF-8 bytes of its text (cut to `max_tokens`). Calls are recorded in `calls` (one list
+  A step's tokens are `encode(text)` (default: its UTF-8 bytes), cut to `max_tokens` - 1, leaving the slot of its
+  end. Calls are recorded in `calls` (one list
   of requests per expand) for tests that check what the search asked for.
   """
 
-  def __init__(self, script: Script, max_tokens: int = 64):
+  def __init__(self, script: Script, max_tokens: int = 64, encode: Callable[[str], Sequence[int]] | None = None):
     self.script = script
     self.max_tokens = max_tokens
+    self.encode = encode
     self.calls: list[list[Request]] = []
     self._values: dict[tuple[str, int], float] = {}
 
@@ -156,10 +159,13 @@ class ScriptedStepModel:
       steps = []
       for child, meta in zip(request.child_ids, request.metas):
         scripted = self.script(request.problem, request.path_ids, child, meta)
-        tokens = np.frombuffer(scripted.text.encode(), np.uint8).astype(np.int32)[:self.max_tokens]
+        ids = (np.frombuffer(scripted.text.encode(), np.uint8) if self.encode is None
+               else self.encode(scripted.text))
+        tokens = np.asarray(ids, np.int32)[:self.max_tokens - 1]
         steps.append(Step(tokens=tokens, text=scripted.text, finished=scripted.finished, log_prob=scripted.log_prob,
                           entropy=scripted.entropy, varentropy=scripted.varentropy,
-                          token_log_probs=np.full(len(tokens), scripted.log_prob, np.float32),
+                          token_log_probs=np.full(len(tokens) + int(scripted.finished), scripted.log_prob,
+                                                  np.float32),
                           generated=len(tokens) + 1, prompt_tokens=0, rating_tokens=1))
         self._values[(request.problem, child)] = float(scripted.value)
       out.append(steps)

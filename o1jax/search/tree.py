@@ -64,6 +64,9 @@ class Tree:
       format token and was cut there).
     outcome: [B, N] int32 UNKNOWN / WRONG / CORRECT (only with a ground truth).
     tokens: [B, N, L] int32 the step's token ids, 0 after `length`.
+    log_probs: [B, N, L] float32 the behaviour log-prob of each token the policy wrote for the step, under the
+      model that sampled it (the step's tokens, then its <end_of_thought> when finished: length + finished
+      entries; 0 after). PPO's old policy, recorded when the step was drawn.
     length: [B, N] int32.
     rectified: [B, N] float32 value from the leaves after the search (0 where rectify_visits is 0).
     rectify_visits: [B, N] int32 leaves whose rectification passed through the node.
@@ -85,6 +88,7 @@ class Tree:
   finished: Any
   outcome: Any
   tokens: Any
+  log_probs: Any
   length: Any
   rectified: Any
   rectify_visits: Any
@@ -135,18 +139,19 @@ def empty(batch: int, num_nodes: int, num_children: int, step_tokens: int) -> Tr
               entropy=zeros(np.float32), varentropy=zeros(np.float32), num_children=zeros(np.int32),
               children=np.full((B, N, num_children), UNUSED, np.int32), terminal=zeros(bool), finished=zeros(bool),
               outcome=np.full((B, N), UNKNOWN, np.int32), tokens=np.zeros((B, N, step_tokens), np.int32),
+              log_probs=np.zeros((B, N, step_tokens), np.float32),
               length=zeros(np.int32), rectified=zeros(np.float32), rectify_visits=zeros(np.int32),
               num_nodes=np.ones((B,), np.int32))
 
 
-def add_nodes(tree: Tree, parents: jax.Array, count: jax.Array, tokens: jax.Array, length: jax.Array,
-              **fields: jax.Array) -> Tree:
+def add_nodes(tree: Tree, parents: jax.Array, count: jax.Array, tokens: jax.Array, log_probs: jax.Array,
+              length: jax.Array, **fields: jax.Array) -> Tree:
   """Appends `count` (<= K) nodes to ONE tree (no leading B; vmap it).
 
   Args:
     parents: [K] int32 each new node's parent (an existing node, or an earlier new node of this call).
     count: [] int32 nodes to add (0 adds nothing); rows >= count of the other arguments are ignored.
-    tokens: [K, L] int32 their steps; length: [K] int32.
+    tokens: [K, L] int32 their steps; log_probs: [K, L] float32 their behaviour log-probs; length: [K] int32.
     fields: each NODE_FIELDS name as [K].
 
   The new ids are num_nodes, num_nodes + 1, ... in row order, each appended to its parent's children; a new
@@ -155,7 +160,8 @@ def add_nodes(tree: Tree, parents: jax.Array, count: jax.Array, tokens: jax.Arra
   K = tokens.shape[0]
   N, C = tree.parent.shape[0], tree.children.shape[1]
   first = tree.num_nodes
-  t = dict(parent=tree.parent, depth=tree.depth, value=tree.value, tokens=tree.tokens, length=tree.length,
+  t = dict(parent=tree.parent, depth=tree.depth, value=tree.value, tokens=tree.tokens, log_probs=tree.log_probs,
+           length=tree.length,
            children=tree.children, num_children=tree.num_children,
            **{name: getattr(tree, name) for name in NODE_FIELDS})
   for j in range(K):
@@ -169,6 +175,7 @@ def add_nodes(tree: Tree, parents: jax.Array, count: jax.Array, tokens: jax.Arra
     t["depth"] = put(t["depth"], t["depth"][parent] + 1)
     t["value"] = put(t["value"], fields["rating"][j])
     t["tokens"] = put(t["tokens"], tokens[j])
+    t["log_probs"] = put(t["log_probs"], log_probs[j])
     t["length"] = put(t["length"], length[j])
     for name in NODE_FIELDS:
       t[name] = put(t[name], fields[name][j].astype(t[name].dtype))
@@ -236,6 +243,7 @@ def to_json(tree: Tree, b: int, texts: Sequence[str], **extra: Any) -> dict:
     node["outcome_name"] = OUTCOME_NAMES[node["outcome"]]
     node["children"] = [int(c) for c in t.children[0, i, :node["num_children"]]]
     node["tokens"] = [int(x) for x in t.tokens[0, i, :node["length"]]]
+    node["log_probs"] = [float(x) for x in t.log_probs[0, i, :node["length"] + int(node["finished"])]]
     nodes.append(node)
   return {"num_slots": t.num_slots, "num_children_slots": t.num_children_slots, "step_slots": t.step_slots,
           **extra, "nodes": nodes}
@@ -257,5 +265,6 @@ def from_json(record: dict | str) -> tuple[Tree, list[str]]:
       arrays[name][0, i] = node[name]
     arrays["children"][0, i, :len(node["children"])] = node["children"]
     arrays["tokens"][0, i, :len(node["tokens"])] = node["tokens"]
+    arrays["log_probs"][0, i, :len(node["log_probs"])] = node["log_probs"]
   arrays["num_nodes"][0] = len(nodes)
   return Tree(**arrays), [node["text"] for node in nodes]

@@ -88,6 +88,29 @@ def test_values_equal_scoring_each_whole_prompt(loaded, rating_context):
   assert usage.generated >= results[0].num_nodes and usage.prompted > 0 and usage.scored > 0
 
 
+def test_behaviour_log_probs_are_the_models_own(loaded):
+  """The tree's per-token log-probs of a step (its tokens, then <end_of_thought> when finished) equal a full
+  forward of the policy prompt and the step (the learner's old policy)."""
+  model = step_model(loaded)
+  [r] = mcts.search(model, PROBLEMS[:1], dataclasses.replace(CONFIG, num_simulations=2), progress=False)
+  t, p = r.tree, model.prompts
+  checked = 0
+  for node in range(1, r.num_nodes + 1):
+    prompt = whole_prompt(model, r, node, "policy")[:-2]   # the policy prompt and the step, no <eot><sor>
+    step = list(t.tokens[0, node, :t.length[0, node]])
+    targets = step + ([p.end_of_thought] if t.finished[0, node] else [])
+    ids = prompt + targets[len(step):]
+    logits = np.asarray(loaded.model(np.asarray([ids], np.int32)))[0]
+    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    start = len(ids) - len(targets) - 1
+    expected = [log_probs[start + i, tok] for i, tok in enumerate(targets)]
+    np.testing.assert_allclose(t.log_probs[0, node, :len(targets)], expected, atol=2e-4)
+    assert not t.log_probs[0, node, len(targets):].any()
+    checked += 1
+  assert checked == 4
+
+
 def test_a_tree_samples_the_same_alone_and_in_a_batch(loaded):
   config = dataclasses.replace(CONFIG, seed=5)
   together = mcts.search(step_model(loaded), PROBLEMS, config, progress=False)
