@@ -12,12 +12,21 @@ and one table, LOGICAL_RULES, maps each name onto mesh axes, as maxtext's `logic
 
 A dimension stays replicated where its size does not divide by the mesh axes' size (SmolLM2's 3 kv heads on a
 tensor axis of 2), and a mesh axis shards at most one dimension of an array.
+
+Multi-host (JAX's multi-controller model): every process runs the same program on the same host values, and
+the devices of all processes form one mesh. `initialize` starts `jax.distributed` from explicit arguments or the
+environment; `put` places a host value that every process holds on a global sharding, `put_local` builds a
+global array from each process's own rows, and `to_host` reads any array back on every process (gathering the
+shards other processes hold). Files are written by process 0 only (`is_writer`).
 """
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
@@ -67,11 +76,77 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def shard_batch(tree, mesh: Mesh):
-  """device_put every array of a pytree with its leading axis split over the batch axes (scalars replicated)."""
-  def put(a):
+  """Every array of a pytree on `mesh` with its leading axis split over the batch axes (scalars replicated).
+
+  Host values must be the same on every process (see the module docstring).
+  """
+  def place(a):
     a = np.asarray(a) if not isinstance(a, jax.Array) else a
-    return jax.device_put(a, replicated(mesh) if a.ndim == 0 else batch_sharding(mesh, a.ndim))
-  return jax.tree.map(put, tree)
+    return put(a, replicated(mesh) if a.ndim == 0 else batch_sharding(mesh, a.ndim))
+  return jax.tree.map(place, tree)
+
+
+def put(value, sharding: NamedSharding) -> jax.Array:
+  """A value every process holds in full, placed on `sharding` (each process fills only its own devices)."""
+  if isinstance(value, jax.Array) or jax.process_count() == 1 or sharding.is_fully_addressable:
+    return jax.device_put(value, sharding)
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def put_local(local_rows, sharding: NamedSharding) -> jax.Array:
+  """A global array whose leading axis is every process's own rows, in process order."""
+  return jax.make_array_from_process_local_data(sharding, np.asarray(local_rows))
+
+
+def to_host(tree):
+  """Every array of a pytree as numpy on every process (shards held by other processes are gathered)."""
+  def read(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return np.asarray(a)
+  return jax.tree.map(read, tree)
+
+
+def is_writer() -> bool:
+  """Whether this process writes files (process 0 of a multi-host job)."""
+  return jax.process_index() == 0
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+               ) -> None:
+  """Starts `jax.distributed` for a multi-host job; a no-op for a single process.
+
+  With no arguments it starts only when the environment describes a multi-process job (JAX finds TPU pods,
+  SLURM and the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables itself). On CPU the
+  processes exchange collectives over gloo.
+
+  Args:
+    coordinator: "host:port" of process 0.
+    num_processes, process_id: this job's size and this process's rank.
+  """
+  env = os.environ
+  coordinator = coordinator or env.get("JAX_COORDINATOR_ADDRESS")
+  num_processes = num_processes if num_processes is not None else int(env.get("JAX_NUM_PROCESSES", "0") or 0)
+  process_id = process_id if process_id is not None else (int(env["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in env
+                                                          else None)
+  on_pod = any(k in env for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "MEGASCALE_COORDINATOR_ADDRESS"))
+  if not coordinator and not on_pod:
+    if num_processes and num_processes > 1:
+      raise ValueError(f"num_processes={num_processes} needs a coordinator address (--coordinator=host:port or "
+                       "JAX_COORDINATOR_ADDRESS).")
+    return
+  if coordinator and (not num_processes or process_id is None):
+    raise ValueError(f"coordinator {coordinator!r} needs num_processes and process_id (flags or JAX_NUM_PROCESSES "
+                     "and JAX_PROCESS_ID).")
+  if coordinator and not 0 <= process_id < num_processes:
+    raise ValueError(f"process_id={process_id} must be in [0, num_processes={num_processes}).")
+  if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if coordinator:
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+  else:
+    jax.distributed.initialize()
 
 
 def logical_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,

@@ -5,8 +5,8 @@
 
 `resolve` maps a packaged model name (or any checkpoint path) to a file. `load` reads the checkpoint, adds the
 format's special tokens (`thoughts.SPECIAL_TOKENS`) to the tokenizer as single ids with new embedding rows at
-the mean embedding, and, given an adapter written by format pretraining (`o1jax.learn.pretrain.write_adapter`),
-puts its trained rows in place of the mean rows and merges its LoRA matrices into the weights.
+the mean embedding, and, given an adapter file (`o1jax.adapter`; format pretraining writes them), puts its
+trained rows in place of the mean rows and merges its LoRA matrices into the weights.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ import os
 import numpy as np
 
 from models import decoder, hf_io
-from o1jax import thoughts, tokenizer as tokenizer_lib
-from o1jax.learn import lora
+from o1jax import adapter as adapter_lib, thoughts, tokenizer as tokenizer_lib
 
 # name -> (distribution, file inside it). Installed by launch/install.sh with --no-deps and never imported.
 PACKAGED = {
@@ -66,7 +65,7 @@ def load(name_or_path: str, *, adapter: str | None = None, dtype: str | None = N
   checkpoint = resolve(name_or_path)
   # The adapter file (a few MB) is read before the checkpoint (seconds to minutes), so that a missing or corrupt
   # adapter fails at once; whether it fits the model is checked once the model is there.
-  contents = None if adapter is None else _read_adapter_file(adapter)
+  adapter_file = None if adapter is None else adapter_lib.read(adapter)
   model = hf_io.load_pretrained(checkpoint, dtype=dtype)
   tokenizer = tokenizer_lib.for_model(model)
   ids = [tokenizer.token_to_id(t) for t in thoughts.SPECIAL_TOKENS]
@@ -74,66 +73,38 @@ def load(name_or_path: str, *, adapter: str | None = None, dtype: str | None = N
     model, tokenizer = tokenizer_lib.add_special_tokens(model, tokenizer)
     ids = [tokenizer.token_to_id(t) for t in thoughts.SPECIAL_TOKENS]
   loaded = Loaded(model=model, tokenizer=tokenizer, base_vocab=min(ids), special_tokens=thoughts.SPECIAL_TOKENS)
-  if contents is not None:
-    _check_adapter(loaded, adapter, name_or_path, contents)
-    loaded.model = _apply_adapter(loaded, adapter, contents)
+  if adapter_file is not None:
+    adapter_file.check(base=name_or_path, base_vocab=loaded.base_vocab, special_tokens=loaded.special_tokens)
+    loaded.model = _apply_adapter(loaded, adapter_file)
   return loaded
 
 
-def read_adapter(loaded: Loaded, path: str, base_name: str):
-  """`lora.load(path)` after checking that the adapter was trained on `base_name` with `loaded`'s special
-  tokens at `loaded`'s ids: (factors, lora config, extra arrays, metadata)."""
-  contents = _read_adapter_file(path)
-  _check_adapter(loaded, path, base_name, contents)
-  return contents
-
-
-def _read_adapter_file(path: str):
-  """`lora.load(path)`, with the hint to run launch.pretrain when the file does not exist."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"adapter {path!r} does not exist; run launch.pretrain to make one.")
-  return lora.load(path)
-
-
-def _check_adapter(loaded: Loaded, path: str, base_name: str, contents) -> None:
-  """The adapter file `contents` (from `_read_adapter_file`) was made by format pretraining for this model."""
-  _, _, extra, metadata = contents
-  missing = [key for key in ("special_tokens", "base_vocab") if key not in metadata]
-  missing += [f"the {name} array" for name in ("new_rows",) if name not in extra]
-  if missing:
-    raise ValueError(f"adapter {path!r} lacks {' and '.join(missing)}; expected an adapter written by "
-                     "launch.pretrain.")
-  if metadata["special_tokens"] != list(loaded.special_tokens) or metadata["base_vocab"] != loaded.base_vocab:
-    raise ValueError(f"adapter {path!r} was trained for special tokens from id {metadata['base_vocab']} "
-                     f"({metadata['special_tokens']}); this model has them from id {loaded.base_vocab}.")
-  if metadata.get("base") not in (None, base_name):
-    raise ValueError(f"adapter {path!r} was trained on {metadata.get('base')!r}, not on {base_name!r}.")
-
-
-def _apply_adapter(loaded: Loaded, path: str, contents) -> decoder.Decoder:
-  factors, lora_config, extra, _ = contents
+def _apply_adapter(loaded: Loaded, adapter_file: adapter_lib.AdapterFile) -> decoder.Decoder:
+  """The model with the adapter's rows in place of the new tokens' mean rows and its LoRA merged."""
+  path = adapter_file.path
   model = loaded.model
   weights = dict(model.weights())
   dtype = np.asarray(weights["embed"]).dtype
   embed = np.array(weights["embed"])
-  rows = np.asarray(extra["new_rows"], np.float32)
+  rows = np.asarray(adapter_file.new_rows, np.float32)
   if rows.shape != embed[loaded.base_vocab:].shape:
     raise ValueError(f"adapter {path!r} holds new rows of shape {rows.shape}; the model expects "
                      f"{embed[loaded.base_vocab:].shape}.")
   embed[loaded.base_vocab:] = rows.astype(dtype)
   weights["embed"] = embed
-  if "new_head" in extra:
+  if adapter_file.new_head is not None:
+    new_head = adapter_file.new_head
     expected = (np.shape(weights["head"])[0], embed.shape[0] - loaded.base_vocab) if "head" in weights else None
-    if extra["new_head"].shape != expected:
-      raise ValueError(f"adapter {path!r} holds a new head of shape {extra['new_head'].shape}; the model expects "
+    if new_head.shape != expected:
+      raise ValueError(f"adapter {path!r} holds a new head of shape {new_head.shape}; the model expects "
                        f"{'none (its head is the embedding)' if expected is None else expected}.")
     head = np.array(weights["head"])
-    head[:, loaded.base_vocab:] = np.asarray(extra["new_head"], np.float32).astype(dtype)
+    head[:, loaded.base_vocab:] = np.asarray(new_head, np.float32).astype(dtype)
     weights["head"] = head
   factors = {"layers": {t: {k: np.asarray(a, np.float32) for k, a in f.items()}
-                        for t, f in factors["layers"].items()}}
+                        for t, f in adapter_file.factors["layers"].items()}}
   try:
-    weights = lora.merge(weights, factors, lora_config)
+    weights = adapter_lib.merge(weights, factors, adapter_file.config)
   except ValueError as e:  # factor shapes of another model
     raise ValueError(f"adapter {path!r} does not fit this model: {e}") from None
   merged = decoder.Decoder(model.config, weights=weights)

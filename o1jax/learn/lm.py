@@ -30,8 +30,7 @@ from jax.sharding import Mesh
 
 from models import decoder, layers
 from models.config import DecoderConfig
-from o1jax import parallel
-from o1jax.learn import lora
+from o1jax import adapter, parallel, value as value_lib
 
 Tree = Any
 
@@ -52,7 +51,7 @@ class Model:
 
   config: DecoderConfig
   base_vocab: int
-  lora: lora.LoraConfig | None
+  lora: adapter.LoraConfig | None
   frozen_layers: int = 0
 
   def split(self, weights: Tree, key: jax.Array) -> tuple[Tree, Tree]:
@@ -61,7 +60,7 @@ class Model:
       return {}, weights
     frozen = dict(weights)
     frozen["embed"] = weights["embed"][:self.base_vocab]
-    trainable = {"adapter": lora.init(weights, self.lora, key), "new_rows": weights["embed"][self.base_vocab:]}
+    trainable = {"adapter": adapter.init(weights, self.lora, key), "new_rows": weights["embed"][self.base_vocab:]}
     if "head" in weights:
       frozen["head"] = weights["head"][:, :self.base_vocab]
       trainable["new_head"] = weights["head"][:, self.base_vocab:]
@@ -69,7 +68,7 @@ class Model:
 
   def _body_weights(self, frozen: Tree, trainable: Tree) -> dict:
     """LoRA merged and the new rows appended to the embedding table (the head is handled by the callers)."""
-    weights = dict(lora.merge(frozen, trainable["adapter"], self.lora))
+    weights = dict(adapter.merge(frozen, trainable["adapter"], self.lora))
     weights["embed"] = jnp.concatenate([frozen["embed"], trainable["new_rows"].astype(frozen["embed"].dtype)])
     return weights
 
@@ -148,9 +147,9 @@ def rating_loss(model: Model, frozen: Tree, trainable: Tree, batch: dict, positi
 
   Rows are (rating prompt, rating token) pairs of `pipeline.text_dataset`: loss_mask is True at the row's
   `<start_of_rating>` position t, whose target tokens[t + 1] is `<positive_rating>` (label 1) or
-  `<negative_rating>` (label 0). The value read there is log p(positive) of a log-softmax over those two logits
-  (`sampling.sampler.rating_values`); only they are computed, not the vocabulary head. Rows whose masked target
-  is no rating token (or that have no masked position) are left out.
+  `<negative_rating>` (label 0). The log-probabilities are the scorer's (`o1jax.value.rating_log_probs`: a
+  log-softmax over those two logits, the value being log p(positive)); only the two logits are computed, not the
+  vocabulary head. Rows whose masked target is no rating token (or that have no masked position) are left out.
 
   Returns:
     (loss, metrics) with metrics {"loss", "accuracy" (p(right rating) > 1/2), "tokens" (rated rows)}.
@@ -162,7 +161,7 @@ def rating_loss(model: Model, frozen: Tree, trainable: Tree, batch: dict, positi
   rated = jnp.any(loss_mask, axis=1) & ((target == positive_id) | (target == negative_id))
   hidden = model.hidden(frozen, trainable, tokens, batch["valid"])[jnp.arange(B), position]
   pair = model.token_logits(frozen, trainable, hidden, (positive_id, negative_id))
-  log_p = jax.nn.log_softmax(pair, axis=-1)
+  log_p = value_lib.rating_log_probs(pair, 0, 1)  # token_logits put the positive logit in column 0
   right = jnp.where(target == positive_id, log_p[:, 0], log_p[:, 1])
   weight = rated.astype(jnp.float32)
   count = jnp.maximum(jnp.sum(weight), 1.0)

@@ -27,6 +27,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from o1jax import value
+
 RATING_LOSSES = ("softmax", "bce", "pairwise")
 
 
@@ -89,7 +91,7 @@ def rating_loss(positive_logit: jax.Array, negative_logit: jax.Array, value_targ
   p = rating_targets(value_target, eps)
   pos, neg = positive_logit.astype(jnp.float32), negative_logit.astype(jnp.float32)
   if kind == "softmax":
-    pair = jax.nn.log_softmax(jnp.stack([pos, neg], axis=-1), axis=-1)
+    pair = value.rating_log_probs(jnp.stack([pos, neg], axis=-1), 0, 1)   # the search's own value read
     return -(p * pair[..., 0] + (1.0 - p) * pair[..., 1])
   if kind == "bce":
     def bce(logit, target):  # binary cross-entropy with logits, stable for large |logit|

@@ -8,11 +8,12 @@ trees built from GSM8K (and MATH) solutions by `o1jax.data.corpus`, with three k
   - (rating prompt, rating) pairs with matched correct and corrupted steps, loss on the rating only: what the
     value head (the two rating logits) learns from.
 
-The run is resumable: the train state and the data iterator's position are checkpointed together every
-`checkpoint.every` steps, and a restarted run continues at the same step with the same next batch. Metrics go to
-TensorBoard event files and to metrics.jsonl in the work directory. At the end the adapter (LoRA matrices plus
-the new token rows) is written as one safetensors file that `o1jax.pretrained.load` applies on top of the base
-model.
+The steps run in `o1jax.learn.loop`, so the run is resumable: the train state and the data iterator's position
+are checkpointed together every `checkpoint.every` steps, and a restarted run continues at the same step with
+the same next batch. Metrics go to TensorBoard event files and to metrics.jsonl in the work directory; a
+non-finite loss or gradient norm stops the run before it is checkpointed. At the end the adapter (LoRA matrices
+plus the new token rows) is written as one safetensors file (`o1jax.adapter.write`) that
+`o1jax.pretrained.load` applies on top of the base model.
 
 `run` is `train(prepare(config, workdir))`: `prepare` reads and checks every input (the config first, then the
 model, an init adapter, the data and the checkpoint directory), so that a launcher can report a bad one as a
@@ -22,7 +23,6 @@ user error and leave what goes wrong in `train` its traceback.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Sequence
@@ -31,11 +31,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
 
-from o1jax import checkpoint, parallel, pretrained, thoughts
+from o1jax import adapter, checkpoint, parallel, pretrained, thoughts
 from o1jax.data import corpus, pipeline, problems as problems_lib
-from o1jax.learn import lm, lora
+from o1jax.learn import lm, loop
 
 
 def build_records(split: str, count: int | None, seed: int, *, trees: bool = True, policy: bool = True,
@@ -71,29 +70,10 @@ def _optimizer_config(config: ml_collections.ConfigDict) -> lm.OptimizerConfig:
                             restarts=tuple(o.restarts))
 
 
-def _lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig | None:
+def _lora_config(config: ml_collections.ConfigDict) -> adapter.LoraConfig | None:
   if not config.lora.rank:
     return None
-  return lora.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, targets=tuple(config.lora.targets))
-
-
-class _MetricsLog:
-  """TensorBoard events + one JSON object per line in metrics.jsonl (appended, so a resumed run continues it)."""
-
-  def __init__(self, workdir: str):
-    import tensorboardX
-    self._writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-
-  def write(self, step: int, prefix: str, metrics: dict[str, float]) -> None:
-    for name, value in metrics.items():
-      self._writer.add_scalar(f"{prefix}/{name}", value, step)
-    self._jsonl.write(json.dumps({"step": step, "split": prefix, **metrics}) + "\n")
-    self._jsonl.flush()
-
-  def close(self) -> None:
-    self._writer.close()
-    self._jsonl.close()
+  return adapter.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, targets=tuple(config.lora.targets))
 
 
 def _host_metrics(metrics: dict) -> dict[str, float]:
@@ -122,7 +102,7 @@ class Prepared:
     optimizer_config, optimizer: the schedule and optimizer settings, and the optax optimizer made from them.
     frozen, state: the frozen weights and the train state (restored from the latest checkpoint, if any),
       replicated over the mesh.
-    train_iter: the training batches, from the checkpointed position.
+    train_iter: the training batches, from the checkpointed position (`loop.resume`).
     eval_data: the held-out batches.
     checkpointer: open on workdir/checkpoints; `train` closes it.
   """
@@ -164,8 +144,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Prepared:
                      f"{parallel.batch_size_multiple(mesh)} batch shards.")
   optimizer_config = _optimizer_config(config)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if loop.is_writer():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
 
   base = pretrained.load(config.model.path, dtype=config.model.dtype)
   tokenizer = base.tokenizer
@@ -190,12 +171,10 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Prepared:
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.every,
                                          keep=config.checkpoint.keep)
   try:
-    start = checkpointer.latest_step()
-    data_state = None
-    if start is not None:
-      state, data_state, _ = checkpointer.restore(start, target=state)
+    train_iter = pipeline.iterator(train_data)
+    state, start, _ = loop.resume(checkpointer, state, train_iter)
+    if start and loop.is_writer():
       print(f"resumed from step {start} in {workdir}")
-    train_iter = pipeline.iterator(train_data, state=data_state)
   except BaseException:
     checkpointer.close()
     raise
@@ -205,51 +184,43 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Prepared:
 
 
 def train(prepared: Prepared) -> dict[str, float]:
-  """Runs the training steps of a prepared run from its restored step; checkpoints, logs, writes the adapter.
+  """Runs the training steps of a prepared run from its restored step (`loop.run`: checkpoints, metrics, a stop
+  at a non-finite loss), closes its checkpointer and writes the adapter.
 
   Returns the last logged train metrics.
   """
   p = prepared
-  config, workdir, model, mesh, rating_ids = p.config, p.workdir, p.model, p.mesh, p.rating_ids
-  frozen, state, train_iter, checkpointer = p.frozen, p.state, p.train_iter, p.checkpointer
-  start = int(state["step"])
+  config, model, mesh, rating_ids, frozen = p.config, p.model, p.mesh, p.rating_ids, p.frozen
   train_step = lm.make_train_step(model, p.optimizer, mesh, rating_ids)
-  log = _MetricsLog(workdir)
-  last: dict[str, float] = {}
-  window: list[dict] = []
+  schedule = p.optimizer_config.schedule()
   started = time.perf_counter()
-  tokens_seen = 0
-  bar = tqdm.tqdm(range(start, config.train.steps), initial=start, total=config.train.steps, desc="pretrain",
-                  unit="step", dynamic_ncols=True)
-  for step in bar:
-    batch = parallel.shard_batch(next(train_iter), mesh)
-    state, metrics = train_step(frozen, state, batch)
-    window.append(metrics)
-    done = step + 1
-    if done % config.train.log_every == 0 or done == config.train.steps:
-      host = [_host_metrics(m) for m in window]
-      tokens = sum(m["tokens"] for m in host)
-      tokens_seen += tokens
-      last = {"loss": float(np.mean([m["loss"] for m in host])),
-              "accuracy": float(np.mean([m["accuracy"] for m in host])),
-              "grad_norm": float(np.mean([m["grad_norm"] for m in host])),
-              "learning_rate": float(p.optimizer_config.schedule()(step)),
-              "target_tokens_per_s": tokens_seen / (time.perf_counter() - started)}
-      window = []
-      log.write(done, "train", last)
-      bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.2f}")
-    if done % config.eval.every == 0 or done == config.train.steps:
-      log.write(done, "eval", evaluate_loss(model, frozen, state["trainable"], p.eval_data, mesh,
-                                            config.eval.batches, rating_ids))
-    # Save a host copy (np.array copies): the next step donates the state's buffers and may overwrite them while
-    # the checkpoint is still being written in the background; on CPU a device_get can be a view of them.
-    checkpointer.save(done, jax.tree.map(np.array, state), data_state=pipeline.get_state(train_iter),
-                      metadata={"step": done, "workdir": workdir}, force=done == config.train.steps)
-  checkpointer.wait()
-  checkpointer.close()
-  log.close()
+  tokens_seen = 0.0
 
-  if config.output.adapter_path:
+  def step_fn(state, batch):
+    return train_step(frozen, state, parallel.shard_batch(batch, mesh))
+
+  def summarize(window: Sequence[dict[str, float]], step: int) -> dict[str, float]:
+    nonlocal tokens_seen
+    tokens_seen += sum(m["tokens"] for m in window)
+    return {"loss": float(np.mean([m["loss"] for m in window])),
+            "accuracy": float(np.mean([m["accuracy"] for m in window])),
+            "grad_norm": float(np.mean([m["grad_norm"] for m in window])),
+            "learning_rate": float(schedule(step - 1)),  # the rate of the window's last update
+            "target_tokens_per_s": tokens_seen / (time.perf_counter() - started)}
+
+  def evaluate(state) -> dict[str, float]:
+    return evaluate_loss(model, frozen, state["trainable"], p.eval_data, mesh, config.eval.batches, rating_ids)
+
+  try:
+    state, last = loop.run(step_fn, p.state, p.train_iter, start=int(p.state["step"]), steps=config.train.steps,
+                           workdir=p.workdir, checkpointer=p.checkpointer, log_every=config.train.log_every,
+                           summarize=summarize, evaluate=evaluate, eval_every=config.eval.every,
+                           finite=("loss", "grad_norm"), metadata={"workdir": p.workdir}, desc="pretrain",
+                           postfix=("loss", "accuracy"))
+  finally:
+    p.checkpointer.close()
+
+  if config.output.adapter_path and loop.is_writer():
     write_adapter(config.output.adapter_path, model, state["trainable"], base=config.model.path,
                   special_tokens=p.base.special_tokens, dtype=config.output.adapter_dtype)
     print(f"adapter written to {config.output.adapter_path}")
@@ -288,28 +259,29 @@ def _rating_ids(config: ml_collections.ConfigDict, tokenizer) -> tuple[int, int]
 
 def _from_adapter(path: str, model: lm.Model, trainable, base: pretrained.Loaded, base_name: str):
   """The trainable tree initialised from an adapter file (a continuation of an earlier run)."""
-  factors, lora_config, extra, _ = pretrained.read_adapter(base, path, base_name)
-  if model.lora is None or lora_config != model.lora:
-    raise ValueError(f"train.init_adapter={path!r} holds a LoRA of {lora_config}; this run trains {model.lora}.")
-  out = {"adapter": jax.tree.map(lambda a, like: jnp.asarray(a, like.dtype), factors, trainable["adapter"])}
+  adapter_file = adapter.read(path)
+  adapter_file.check(base=base_name, base_vocab=base.base_vocab, special_tokens=base.special_tokens)
+  if model.lora is None or adapter_file.config != model.lora:
+    raise ValueError(f"train.init_adapter={path!r} holds a LoRA of {adapter_file.config}; this run trains "
+                     f"{model.lora}.")
+  out = {"adapter": jax.tree.map(lambda a, like: jnp.asarray(a, like.dtype), adapter_file.factors,
+                                 trainable["adapter"])}
   for name in ("new_rows", "new_head"):
     if name in trainable:
-      if name not in extra or extra[name].shape != trainable[name].shape:
+      array = getattr(adapter_file, name)
+      if array is None or array.shape != trainable[name].shape:
         raise ValueError(f"train.init_adapter={path!r} has no {name} of shape {trainable[name].shape}.")
-      out[name] = jnp.asarray(extra[name], trainable[name].dtype)
+      out[name] = jnp.asarray(array, trainable[name].dtype)
   return out
 
 
 def write_adapter(path: str, model: lm.Model, trainable, *, base: str, special_tokens: Sequence[str],
                   dtype: str) -> None:
-  """The LoRA matrices and the new token rows as one safetensors file (see `o1jax.pretrained.load`)."""
+  """The trainable tree's LoRA matrices and new token rows as one adapter file (`o1jax.adapter.write`), which
+  `o1jax.pretrained.load` applies."""
   if model.lora is None:
     raise ValueError("write_adapter needs LoRA training (lora.rank > 0); a full fine-tune exports with "
                      "models.hf_io.save_pretrained instead.")
-  cast = lambda a: np.asarray(jnp.asarray(a, jnp.dtype(dtype)))
-  extra = {"new_rows": cast(trainable["new_rows"])}
-  if "new_head" in trainable:
-    extra["new_head"] = cast(trainable["new_head"])
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  lora.save(path, jax.tree.map(cast, trainable["adapter"]), model.lora, extra=extra,
-            metadata={"base": base, "base_vocab": model.base_vocab, "special_tokens": list(special_tokens)})
+  adapter.write(path, trainable["adapter"], model.lora, new_rows=trainable["new_rows"],
+                new_head=trainable.get("new_head"), base=base, base_vocab=model.base_vocab,
+                special_tokens=special_tokens, dtype=dtype)

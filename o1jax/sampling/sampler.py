@@ -12,8 +12,8 @@ A `Prefix` is a cache plus the next-token logits at the end of every row. Prefil
 (padded to a prompt bucket, positions from the mask); `fork` copies rows (a parent's prefix into its k
 children's rows); `extend` appends tokens; `sample` forks each row k times and decodes all rows in one jitted
 `lax.while_loop` that stops when every row has stopped; `score` reads log p(<positive_rating>) from a two-way
-log-softmax at each row's last token. Every jitted program's shapes come from `Buckets`, so a second call with
-the same buckets compiles nothing.
+log-softmax at each row's last token (`o1jax.value`, the read the rating loss trains too). Every jitted
+program's shapes come from `Buckets`, so a second call with the same buckets compiles nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from models import attention, decoder
-from o1jax import parallel, xla_flags
+from o1jax import parallel, value as value_lib, xla_flags
 from o1jax.sampling import statistics
 from o1jax.sampling.buckets import Buckets, pad_rows
 
@@ -311,19 +311,6 @@ def _decode_program(backend: str, rows: int):
                  donate_argnames=("cache",), compiler_options=xla_flags.decode_compiler_options(backend, rows))
 
 
-def rating_values(logits: jax.Array, positive_id: int, negative_id: int) -> jax.Array:
-  """log p(positive) from a log-softmax over the two rating logits only (LLaMA-O1's value head).
-
-  Args:
-    logits: [B, V] float32 logits read after `...<end_of_thought><start_of_rating>`.
-
-  Returns:
-    [B] float32 values, <= 0.
-  """
-  pair = jnp.stack([logits[:, positive_id], logits[:, negative_id]], axis=-1).astype(jnp.float32)
-  return jax.nn.log_softmax(pair, axis=-1)[:, 0]
-
-
 # --- the host-side API ------------------------------------------------------------------------------------------
 
 class Sampler:
@@ -583,9 +570,9 @@ class Sampler:
     """
     extended = (self.extend(prefix, continuations, donate=donate) if any(len(c) for c in continuations)
                 else prefix)
-    return np.asarray(rating_values(extended.logits, positive_id, negative_id))[:prefix.num_rows]
+    return np.asarray(value_lib.value(extended.logits, positive_id, negative_id))[:prefix.num_rows]
 
   def score_texts(self, texts: Sequence[Sequence[int]], positive_id: int, negative_id: int) -> np.ndarray:
     """Values of whole token sequences (one prefill each, head only at the last token)."""
     prefix = self.prefill(texts)
-    return np.asarray(rating_values(prefix.logits, positive_id, negative_id))[:len(texts)]
+    return np.asarray(value_lib.value(prefix.logits, positive_id, negative_id))[:len(texts)]

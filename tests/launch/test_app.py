@@ -79,7 +79,7 @@ def test_missing_adapter(tmp_path):
 def test_corrupt_adapter(corrupt_adapter):
   line = _error_line(_launch("-m", "launch.evaluate_format", f"--adapter={corrupt_adapter}"))
   assert line == (f"error: LoRA adapter file {corrupt_adapter!r} is not a valid safetensors file (header too "
-                  "large); expected a LoRA adapter written by launch.pretrain (lora.save).")
+                  "large); expected a LoRA adapter written by launch.pretrain (o1jax.adapter.write).")
 
 
 def test_config_value_from_library_code_is_a_user_error():

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from o1jax import format_eval
+from o1jax.sampling import buckets
 
 
 def test_roc_auc_by_hand():
@@ -44,6 +45,7 @@ class _FakeSampler:
 
   def __init__(self, continuations):
     self.continuations = continuations
+    self.buckets = buckets.Buckets()   # step_format_rate reserves the step's new-token bucket
 
   def prefill(self, prompts, reserve=0):
     return len(prompts)

@@ -1,12 +1,14 @@
-"""pretrained.load: special tokens added as new rows, and an adapter from training turns into the same model."""
+"""pretrained.load: special tokens added as new rows, and an adapter from training turns into the same model.
+
+(The adapter file itself, its format and its errors: tests/o1jax/test_adapter.py.)"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from o1jax import pretrained, thoughts
-from o1jax.learn import lm, lora, pretrain
+from o1jax import adapter, pretrained, thoughts
+from o1jax.learn import lm, pretrain
 
 
 def test_load_adds_every_special_token_as_one_new_row(tiny_smollm2_checkpoint):
@@ -24,7 +26,7 @@ def test_adapter_file_gives_the_trained_model(tiny_smollm2_checkpoint, tmp_path)
   """Logits of (frozen, trainable) as training computes them equal those of load(base, adapter=file)."""
   loaded = pretrained.load(tiny_smollm2_checkpoint, dtype="float32")
   spec = lm.Model(config=loaded.model.config, base_vocab=loaded.base_vocab,
-                  lora=lora.LoraConfig(rank=2, alpha=4.0, targets=("q", "v", "gate")))
+                  lora=adapter.LoraConfig(rank=2, alpha=4.0, targets=("q", "v", "gate")))
   frozen, trainable = spec.split(loaded.model.weights(), jax.random.key(1))
   rng = np.random.default_rng(0)
   trainable = jax.tree.map(lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(np.float32), trainable)
@@ -44,7 +46,8 @@ def test_adapter_errors(tiny_smollm2_checkpoint, tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     pretrained.load(tiny_smollm2_checkpoint, adapter=str(tmp_path / "missing.safetensors"))
   loaded = pretrained.load(tiny_smollm2_checkpoint, dtype="float32")
-  spec = lm.Model(config=loaded.model.config, base_vocab=loaded.base_vocab, lora=lora.LoraConfig(rank=2, alpha=2.0))
+  spec = lm.Model(config=loaded.model.config, base_vocab=loaded.base_vocab,
+                  lora=adapter.LoraConfig(rank=2, alpha=2.0))
   _, trainable = spec.split(loaded.model.weights(), jax.random.key(1))
   path = str(tmp_path / "other_base.safetensors")
   pretrain.write_adapter(path, spec, trainable, base="another-model", special_tokens=loaded.special_tokens,
@@ -53,32 +56,11 @@ def test_adapter_errors(tiny_smollm2_checkpoint, tmp_path):
     pretrained.load(tiny_smollm2_checkpoint, adapter=path)
 
 
-def _small_adapter(path: str, *, metadata: dict, extra: dict) -> str:
-  """An adapter file for a made-up 1-layer model (only the file's contents matter to these checks)."""
-  config = lora.LoraConfig(rank=1, alpha=1.0, targets=("q",))
-  factors = {"layers": {"q": {"a": np.zeros((1, 4, 1), np.float32), "b": np.zeros((1, 1, 2, 2), np.float32)}}}
-  lora.save(path, factors, config, extra=extra, metadata=metadata)
-  return path
-
-
-@pytest.mark.parametrize("metadata, extra, lacks", [
-    ({}, {"new_rows": np.zeros((2, 4), np.float32)}, "special_tokens and base_vocab"),
-    ({"special_tokens": ["<a>"]}, {"new_rows": np.zeros((2, 4), np.float32)}, "base_vocab"),
-    ({"special_tokens": ["<a>"], "base_vocab": 8}, {}, "the new_rows array"),
-])
-def test_adapter_without_the_format_metadata(tmp_path, metadata, extra, lacks):
-  path = _small_adapter(str(tmp_path / "bare.safetensors"), metadata=metadata, extra=extra)
-  loaded = pretrained.Loaded(model=None, tokenizer=None, base_vocab=8, special_tokens=("<a>",))
-  with pytest.raises(ValueError) as error:
-    pretrained.read_adapter(loaded, path, "base")
-  assert str(error.value) == f"adapter {path!r} lacks {lacks}; expected an adapter written by launch.pretrain."
-
-
 def test_adapter_is_read_before_the_checkpoint(tmp_path):
   """A corrupt adapter fails at once, before the (slow) checkpoint is read: here the checkpoint directory has no
   config.json, and the error is still the adapter's."""
-  adapter = tmp_path / "corrupt.safetensors"
-  adapter.write_bytes(b"\xff" * 64)
+  corrupt = tmp_path / "corrupt.safetensors"
+  corrupt.write_bytes(b"\xff" * 64)
   (tmp_path / "model").mkdir()
   with pytest.raises(ValueError, match="corrupt.safetensors' is not a valid safetensors file"):
-    pretrained.load(str(tmp_path / "model"), adapter=str(adapter))
+    pretrained.load(str(tmp_path / "model"), adapter=str(corrupt))

@@ -10,8 +10,8 @@ import torch
 
 import reference_models as ref
 from models import hf_io
-from o1jax import parallel
-from o1jax.learn import lm, lora
+from o1jax import adapter, parallel
+from o1jax.learn import lm
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_lora_mode_equals_its_merged_weights(tied, tmp_path):
   model = hf_io.load_pretrained(str(tmp_path), dtype="float32")
   base_vocab = model.config.vocab_size - 4          # pretend the last 4 ids are new special tokens
   spec = lm.Model(config=model.config, base_vocab=base_vocab,
-                  lora=lora.LoraConfig(rank=2, alpha=4.0, targets=("q", "v", "down")))
+                  lora=adapter.LoraConfig(rank=2, alpha=4.0, targets=("q", "v", "down")))
   frozen, trainable = spec.split(model.weights(), jax.random.key(0))
   # Give the adapter non-zero b so that merging changes the weights.
   trainable["adapter"] = jax.tree.map(lambda a: a + 0.05, trainable["adapter"])
@@ -99,7 +99,7 @@ def test_sharded_step_equals_one_device_and_learns(llama):
   """A data-parallel step over 8 devices equals the 1-device step, and repeated steps on one batch lower its loss."""
   _, model = llama
   spec = lm.Model(config=model.config, base_vocab=model.config.vocab_size - 3,
-                  lora=lora.LoraConfig(rank=4, alpha=8.0, targets=("q", "k", "v", "o", "gate", "up", "down")))
+                  lora=adapter.LoraConfig(rank=4, alpha=8.0, targets=("q", "k", "v", "o", "gate", "up", "down")))
   optimizer = lm.OptimizerConfig(learning_rate=1e-2, warmup_steps=1, total_steps=10).make()
   rng = np.random.default_rng(1)
   batch = {"tokens": rng.integers(1, model.config.vocab_size, (8, 12)).astype(np.int32),
@@ -176,7 +176,7 @@ def test_rating_loss_by_hand(tied, tmp_path):
   model = hf_io.load_pretrained(str(tmp_path), dtype="float32")
   V = model.config.vocab_size
   positive, negative = V - 2, V - 1
-  spec = lm.Model(config=model.config, base_vocab=V - 4, lora=lora.LoraConfig(rank=2, alpha=4.0, targets=("q",)))
+  spec = lm.Model(config=model.config, base_vocab=V - 4, lora=adapter.LoraConfig(rank=2, alpha=4.0, targets=("q",)))
   frozen, trainable = spec.split(model.weights(), jax.random.key(0))
   trainable["adapter"] = jax.tree.map(lambda a: a + 0.05, trainable["adapter"])
   rng = np.random.default_rng(0)

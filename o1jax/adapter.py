@@ -1,6 +1,9 @@
-"""LoRA on the decoder's stacked layer weights, as pure functions over plain dicts of arrays.
+"""LoRA adapters and the adapter file: the math (init, merge) and one writer beside one reader.
 
-Legend: L layers, D model dim, N query heads, K kv heads, H head dim, F feed-forward dim, r the LoRA rank.
+Legend: L layers, D model dim, N query heads, K kv heads, H head dim, F feed-forward dim, r the LoRA rank,
+R new token rows (the LLaMA-O1 special tokens added to the base vocabulary).
+
+Inference (`o1jax.pretrained.load`) and training (`o1jax.learn`) both use this module, which imports neither.
 
 A target weight W (one of the per-layer projections of `models.decoder.weight_shapes`, stacked over L) gets two
 factors, `a` over W's contracted input axes and `b` over its output axes, and the model runs with
@@ -16,17 +19,31 @@ factors, `a` over W's contracted input axes and `b` over its output axes, and th
 
 `a` starts as Gaussian noise with standard deviation 1 / sqrt(fan-in) and `b` at zero (as in the LoRA paper), so
 the adapted model starts out equal to the base model, and the first gradient reaches `b` only. Training differentiates
-w.r.t. the adapter alone; the base weights stay frozen:
+w.r.t. the factors alone; the base weights stay frozen:
 
-  adapter = lora.init(weights, cfg, key)
-  logits = decoder.full_logits(lora.merge(weights, adapter, cfg), tokens, config=model_config)
+  factors = adapter.init(weights, cfg, key)
+  logits = decoder.full_logits(adapter.merge(weights, factors, cfg), tokens, config=model_config)
 
 Merging materialises full-size weights once per step. That keeps the decoder untouched (one forward for base and
 adapted models, the fused q/k/v and gate/up projections included), at the cost of one weight-sized temporary per
 target (and its cotangent in the backward pass) instead of two thin extra matmuls per projection.
 
-An adapter travels as one safetensors file (`save` / `load`) with flat keys "layers.<target>.a|b", optional extra
-arrays under "extra.<name>" (e.g. embedding rows of new special tokens) and the LoraConfig as JSON in the header.
+An adapter travels as one safetensors file, written by `write` and read by `read`:
+
+  adapter.write(path, factors, cfg, new_rows=rows, base="smollm2-135m-instruct", base_vocab=49152,
+                special_tokens=thoughts.SPECIAL_TOKENS, dtype="bfloat16")
+  file = adapter.read(path)                  # AdapterFile: config, factors, new_rows, new_head, base, ...
+  file.check(base="smollm2-135m-instruct", base_vocab=49152, special_tokens=thoughts.SPECIAL_TOKENS)
+
+  tensors   "layers.<target>.a", "layers.<target>.b"   the factors, one pair per target
+            "extra.new_rows"    [R, D]                 the new tokens' embedding rows
+            "extra.new_head"    [D, R]                 their head columns (untied heads only)
+  header    "format": "o1jax-lora", "lora_config": the LoraConfig as JSON, "metadata": JSON with "base" (the
+            base model's name or path), "base_vocab" (the first new id), "special_tokens" (the new tokens in
+            id order) and any further fields the writer was given.
+
+The committed adapters (configs/adapters/*.safetensors) are such files; their format predates this module (it
+began as `o1jax.learn.lora`'s) and must stay readable as it is.
 """
 
 from __future__ import annotations
@@ -36,7 +53,7 @@ import functools
 import json
 import math
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,14 +61,15 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-Adapter = dict[str, Any]  # {"layers": {target: {"a": [L, *in, r], "b": [L, r, *out]}}}
+Factors = dict[str, Any]  # {"layers": {target: {"a": [L, *in, r], "b": [L, r, *out]}}}
 
 # How many leading (after L) axes of each projection are contracted with the layer input.
 INPUT_AXES = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
-_FORMAT = "o1jax-lora"
-_EXPECTED_FILE = "expected a LoRA adapter written by launch.pretrain (lora.save)"
+_FORMAT = "o1jax-lora"  # the header's "format" entry (kept from the module's first name, o1jax.learn.lora)
+_EXPECTED_FILE = "expected a LoRA adapter written by launch.pretrain (o1jax.adapter.write)"
+_WRITTEN_BY = "expected an adapter written by launch.pretrain"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +136,7 @@ def factor_shapes(weight_shape: tuple[int, ...], target: str, rank: int) -> tupl
 
 
 def init(weights: Mapping[str, Any], config: LoraConfig, key: jax.Array, *,
-         dtype: jnp.dtype | str = jnp.float32) -> Adapter:
+         dtype: jnp.dtype | str = jnp.float32) -> Factors:
   """A fresh adapter: `a` ~ normal(0, 1 / fan-in), `b` = 0.
 
   Args:
@@ -152,13 +170,13 @@ def _init_factors(key: jax.Array, shapes: tuple, dtype: jnp.dtype) -> dict[str, 
   return factors
 
 
-def _check_adapter(layers: Mapping[str, Any], adapter: Adapter, config: LoraConfig) -> None:
-  if set(adapter["layers"]) != set(config.targets):
-    raise ValueError(f"adapter holds targets {sorted(adapter['layers'])}; the LoRA config names "
+def _check_factors(layers: Mapping[str, Any], factors: Factors, config: LoraConfig) -> None:
+  if set(factors["layers"]) != set(config.targets):
+    raise ValueError(f"adapter holds targets {sorted(factors['layers'])}; the LoRA config names "
                      f"{sorted(config.targets)}.")
   for target in config.targets:
     expected = factor_shapes(tuple(layers[target].shape), target, config.rank)
-    got = (tuple(adapter["layers"][target]["a"].shape), tuple(adapter["layers"][target]["b"].shape))
+    got = (tuple(factors["layers"][target]["a"].shape), tuple(factors["layers"][target]["b"].shape))
     if got != expected:
       raise ValueError(f"adapter for {target!r} has shapes a {got[0]}, b {got[1]}; weight {target!r} "
                        f"{tuple(layers[target].shape)} at rank {config.rank} expects a {expected[0]}, b {expected[1]}.")
@@ -171,63 +189,131 @@ def delta(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.einsum(f"l{in_axes}r,lr{out_axes}->l{in_axes}{out_axes}", a, b)
 
 
-def merge(weights: Mapping[str, Any], adapter: Adapter, config: LoraConfig) -> dict[str, Any]:
+def merge(weights: Mapping[str, Any], factors: Factors, config: LoraConfig) -> dict[str, Any]:
   """The decoder weights with every target replaced by W + (alpha / r) * a @ b; everything else as given.
 
-  Pure and jittable; differentiable w.r.t. the adapter (and the weights). The update is computed in the adapter's
+  Pure and jittable; differentiable w.r.t. the factors (and the weights). The update is computed in the factors'
   dtype and added in the weight's dtype, so the result keeps the weights' dtypes.
   """
   layers = _layer_weights(weights)
   _check_targets(layers, config)
-  _check_adapter(layers, adapter, config)
+  _check_factors(layers, factors, config)
   merged_layers = dict(layers)
   for target in config.targets:
     w = layers[target]
-    factors = adapter["layers"][target]
-    merged_layers[target] = w + (config.scale * delta(factors["a"], factors["b"])).astype(w.dtype)
+    a, b = factors["layers"][target]["a"], factors["layers"][target]["b"]
+    merged_layers[target] = w + (config.scale * delta(a, b)).astype(w.dtype)
   return {**weights, "layers": merged_layers}
 
 
-def save(path: str | os.PathLike, adapter: Adapter, config: LoraConfig, *,
-         extra: Mapping[str, Any] | None = None, metadata: Mapping[str, Any] | None = None) -> None:
-  """Writes the adapter (plus `extra` arrays and JSON `metadata`) as one safetensors file.
+# --- the adapter file ------------------------------------------------------------------------------------------
+
+_FORMAT_METADATA = ("base", "base_vocab", "special_tokens")
+_EXTRA_ARRAYS = ("new_rows", "new_head")
+
+
+def write(path: str | os.PathLike, factors: Factors, config: LoraConfig, *, new_rows: Any, new_head: Any = None,
+          base: str, base_vocab: int, special_tokens: Sequence[str], dtype: str | None = None,
+          metadata: Mapping[str, Any] | None = None) -> None:
+  """Writes an adapter as one safetensors file (the format is in the module docstring); `read` reads it back.
 
   Args:
-    path: the file to write.
-    adapter: from `init` or training.
-    config: the adapter's LoraConfig (stored as JSON in the header).
-    extra: named arrays to bundle, e.g. {"embed_rows": [new, D]}; stored as "extra.<name>".
-    metadata: any JSON dict (base model, step, ...).
+    path: the file to write (its directory is made if missing).
+    factors: from `init` or training: {"layers": {target: {"a", "b"}}} for exactly config.targets.
+    config: the adapter's LoraConfig.
+    new_rows: [R, D] embedding rows of the tokens added to the base vocabulary.
+    new_head: [D, R] head columns of those tokens, for a model whose head is not the embedding; else None.
+    base: the base model's name or path (what `o1jax.pretrained.load` was given).
+    base_vocab: the first id of the added tokens.
+    special_tokens: the added tokens, in id order.
+    dtype: every array is cast to this dtype (e.g. "bfloat16"); None keeps each array's own dtype.
+    metadata: further JSON fields for the header (e.g. the step), beside base, base_vocab and special_tokens.
   """
-  if set(adapter["layers"]) != set(config.targets):
-    raise ValueError(f"adapter holds targets {sorted(adapter['layers'])}; the LoRA config names "
+  if set(factors["layers"]) != set(config.targets):
+    raise ValueError(f"adapter holds targets {sorted(factors['layers'])}; the LoRA config names "
                      f"{sorted(config.targets)}.")
+  taken = sorted(set(metadata or {}) & set(_FORMAT_METADATA))
+  if taken:
+    raise ValueError(f"adapter metadata fields {taken} are written from the arguments of the same name; pass "
+                     "them there.")
+  fields = {"base": base, "base_vocab": base_vocab, "special_tokens": list(special_tokens), **(metadata or {})}
   try:
-    metadata_json = json.dumps(dict(metadata or {}), allow_nan=False)
+    metadata_json = json.dumps(fields, allow_nan=False)
   except (TypeError, ValueError) as e:
-    raise TypeError(f"LoRA metadata must hold only JSON values: {e}.") from None
+    raise TypeError(f"adapter metadata must hold only JSON values: {e}.") from None
+  # Cast with XLA's conversion (round to nearest even), as the committed adapters were cast.
+  # C order: safetensors writes an array's memory as it lies, so a transposed view would be stored scrambled.
+  cast = lambda a: np.ascontiguousarray(a if dtype is None else jnp.asarray(a, jnp.dtype(dtype)))
   tensors = {}
   for target in config.targets:
     for factor in ("a", "b"):
-      tensors[f"layers.{target}.{factor}"] = np.asarray(adapter["layers"][target][factor])
-  for name, array in (extra or {}).items():
-    tensors[f"extra.{name}"] = np.asarray(array)
+      tensors[f"layers.{target}.{factor}"] = cast(factors["layers"][target][factor])
+  tensors["extra.new_rows"] = cast(new_rows)
+  if new_head is not None:
+    tensors["extra.new_head"] = cast(new_head)
   header = {"format": _FORMAT, "lora_config": config.to_json(), "metadata": metadata_json}
-  safetensors.numpy.save_file(tensors, os.fspath(path), metadata=header)
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  safetensors.numpy.save_file(tensors, path, metadata=header)
 
 
-def load(path: str | os.PathLike) -> tuple[Adapter, LoraConfig, dict[str, np.ndarray], dict[str, Any]]:
-  """Reads a file written by `save`: (adapter, config, extra, metadata).
+@dataclasses.dataclass(frozen=True)
+class AdapterFile:
+  """An adapter file's contents (from `read`), arrays as numpy, bit for bit and dtype for dtype as written.
 
-  Arrays come back as numpy arrays, bit for bit and dtype for dtype as saved (`jax.device_put` them where they
-  should live). A missing file raises FileNotFoundError (IsADirectoryError for a directory); a file that is not
-  safetensors (empty, truncated, random bytes) or not an adapter raises ValueError, each naming the file.
+  Attributes:
+    path: the file it was read from (named in every error about it).
+    config: its LoraConfig.
+    factors: {"layers": {target: {"a": [L, *in, r], "b": [L, r, *out]}}}.
+    new_rows: [R, D] embedding rows of the added tokens.
+    new_head: [D, R] their head columns, or None (a tied head: the rows are the head).
+    metadata: the header's JSON metadata: "base", "base_vocab", "special_tokens" and any further fields.
+  """
+
+  path: str
+  config: LoraConfig
+  factors: Factors
+  new_rows: np.ndarray
+  new_head: np.ndarray | None
+  metadata: dict[str, Any]
+
+  @property
+  def base(self) -> str | None:
+    """The base model the adapter was trained on (None in a file that does not say)."""
+    return self.metadata.get("base")
+
+  @property
+  def base_vocab(self) -> int:
+    return self.metadata["base_vocab"]
+
+  @property
+  def special_tokens(self) -> tuple[str, ...]:
+    return tuple(self.metadata["special_tokens"])
+
+  def check(self, *, base: str, base_vocab: int, special_tokens: Sequence[str]) -> None:
+    """Raises ValueError unless the adapter was trained on `base` with these special tokens from `base_vocab` on.
+
+    (Whether its arrays fit the model's shapes is checked where they are applied, by `merge`.)
+    """
+    if list(self.metadata["special_tokens"]) != list(special_tokens) or self.base_vocab != base_vocab:
+      raise ValueError(f"adapter {self.path!r} was trained for special tokens from id {self.base_vocab} "
+                       f"({self.metadata['special_tokens']}); this model has them from id {base_vocab}.")
+    if self.base not in (None, base):
+      raise ValueError(f"adapter {self.path!r} was trained on {self.base!r}, not on {base!r}.")
+
+
+def read(path: str | os.PathLike) -> AdapterFile:
+  """Reads a file written by `write` (the format is in the module docstring).
+
+  A missing file raises FileNotFoundError (IsADirectoryError for a directory); a file that is not safetensors
+  (empty, truncated, random bytes), not an adapter, or an adapter without the format's metadata and rows raises
+  ValueError, each naming the file. `AdapterFile.check` then says whether it belongs to a model.
   """
   path = os.fspath(path)
   if os.path.isdir(path):
     raise IsADirectoryError(f"LoRA adapter file {path!r} is a directory; {_EXPECTED_FILE}.")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"LoRA adapter file {path!r} does not exist.")
+    raise FileNotFoundError(f"adapter {path!r} does not exist; run launch.pretrain to make one.")
   try:
     with safetensors.safe_open(path, framework="numpy") as f:
       header = f.metadata() or {}
@@ -249,13 +335,14 @@ def load(path: str | os.PathLike) -> tuple[Adapter, LoraConfig, dict[str, np.nda
   extra: dict[str, np.ndarray] = {}
   for name, array in tensors.items():
     group, _, rest = name.partition(".")
-    if group == "extra":
+    if group == "extra" and rest in _EXTRA_ARRAYS:
       extra[rest] = array
     elif group == "layers" and rest.count(".") == 1 and rest.split(".")[1] in ("a", "b"):
       target, factor = rest.split(".")
       layers.setdefault(target, {})[factor] = array
     else:
-      raise ValueError(f"{path!r} holds tensor {name!r}; expected 'layers.<target>.a|b' or 'extra.<name>'.")
+      raise ValueError(f"{path!r} holds tensor {name!r}; expected 'layers.<target>.a|b' or "
+                       f"{' or '.join(repr('extra.' + e) for e in _EXTRA_ARRAYS)}.")
   for target in config.targets:
     if set(layers.get(target, {})) != {"a", "b"}:
       raise ValueError(f"{path!r} lacks factor a or b of LoRA target {target!r}.")
@@ -264,4 +351,9 @@ def load(path: str | os.PathLike) -> tuple[Adapter, LoraConfig, dict[str, np.nda
   if not isinstance(metadata, dict):
     raise ValueError(f"LoRA adapter file {path!r} has metadata of type {type(metadata).__name__}; "
                      f"{_EXPECTED_FILE}.")
-  return {"layers": layers}, config, extra, metadata
+  missing = [key for key in ("special_tokens", "base_vocab") if key not in metadata]
+  missing += ["the new_rows array"] if "new_rows" not in extra else []
+  if missing:
+    raise ValueError(f"adapter {path!r} lacks {' and '.join(missing)}; {_WRITTEN_BY}.")
+  return AdapterFile(path=path, config=config, factors={"layers": layers}, new_rows=extra["new_rows"],
+                     new_head=extra.get("new_head"), metadata=metadata)
