@@ -61,12 +61,16 @@ _EXPECTED_VALUE = {"int": "an integer", "float": "a number", "bool": "true or fa
 def fail(message: str) -> NoReturn:
   """Writes `error: <message>` as one line to stderr (lines of a longer message joined) and exits with status 2.
 
-  For a launcher's own check of a command line value that no library call would reject.
+  For a launcher's own check of a command line value that no library call would reject. The process ends at once
+  (`os._exit`, after flushing stdout and stderr): a failed read can leave background threads behind (orbax's
+  asyncio loop after a damaged checkpoint) that would print tracebacks of their own during a normal shutdown,
+  and setup has nothing to clean up.
   """
   line = " ".join(part.strip() for part in message.splitlines() if part.strip()) or "unknown error"
   sys.stderr.write(f"error: {line}\n")
+  sys.stdout.flush()
   sys.stderr.flush()
-  sys.exit(EXIT_STATUS)
+  os._exit(EXIT_STATUS)
 
 
 @contextlib.contextmanager

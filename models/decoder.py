@@ -192,6 +192,22 @@ def unstack_layers(weights: Weights, transpose_tied_head: bool | None = None) ->
   return out
 
 
+_FUSED_AXES = {"qkv": ("embed", None, "head_dim"), "gate_up": ("embed", None)}
+
+
+def unstacked_logical_axes(unstacked: Weights) -> dict[str, Any]:
+  """Logical axis names of `unstack_layers`' output (same structure). The fused q/k/v and gate/up axes get no
+  name: a split of them would cut across the projections they join."""
+  per_layer = lambda layer: {name: _FUSED_AXES.get(name) or  # noqa: E731
+                             {"o": ("heads", "head_dim", "embed"), "down": ("mlp", "embed")}.get(name, ("norm",))
+                             for name in layer}
+  out = {"embed": ("vocab", "embed"), "final_norm": ("norm",),
+         "layers": tuple(per_layer(layer) for layer in unstacked["layers"])}
+  if "head" in unstacked:
+    out["head"] = ("embed", "vocab")
+  return out
+
+
 def _block(x: jax.Array, w: Weights, *, config: DecoderConfig, cos: jax.Array, sin: jax.Array, mask: jax.Array,
            kv: tuple[jax.Array, jax.Array] | None, end: jax.Array | None
            ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:

@@ -88,8 +88,15 @@ def shard_batch(tree, mesh: Mesh):
 
 def put(value, sharding: NamedSharding) -> jax.Array:
   """A value every process holds in full, placed on `sharding` (each process fills only its own devices)."""
-  if isinstance(value, jax.Array) or jax.process_count() == 1 or sharding.is_fully_addressable:
+  if jax.process_count() == 1 or sharding.is_fully_addressable:
     return jax.device_put(value, sharding)
+  if isinstance(value, jax.Array) and not value.is_fully_addressable:
+    return jax.device_put(value, sharding)          # already global: a resharding
+  if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+    data = np.asarray(jax.random.key_data(value))   # keys travel as their uint32 data
+    spec = P(*sharding.spec, *([None] * (data.ndim - len(sharding.spec))))
+    placed = jax.make_array_from_callback(data.shape, NamedSharding(sharding.mesh, spec), lambda i: data[i])
+    return jax.random.wrap_key_data(placed, impl=jax.random.key_impl(value))
   value = np.asarray(value)
   return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
@@ -173,4 +180,9 @@ def logical_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: Me
 def logical_shardings(axes, arrays, mesh: Mesh, rules: dict[str, tuple[str, ...] | None] | None = None):
   """A NamedSharding for every array of a pytree from the matching pytree of logical axis names (tuples)."""
   return jax.tree.map(lambda names, a: NamedSharding(mesh, logical_spec(tuple(names), tuple(a.shape), mesh, rules)),
-                      axes, arrays, is_leaf=lambda x: isinstance(x, tuple))
+                      axes, arrays, is_leaf=_is_names)
+
+
+def _is_names(x) -> bool:
+  """A leaf of a logical-axes tree: a tuple of names (a tuple of subtrees, such as unstacked layers, is not)."""
+  return isinstance(x, tuple) and all(e is None or isinstance(e, str) for e in x)

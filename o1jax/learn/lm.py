@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -248,3 +248,39 @@ def eval_loss(model: Model, frozen: Tree, trainable: Tree, batch: dict,
               rating_ids: tuple[int, int] | None = None) -> dict:
   """The loss metrics of one batch without an update (see `batch_loss`)."""
   return batch_loss(model, frozen, trainable, batch, rating_ids)[1]
+
+
+def trainable_from_adapter(path: str, model: Model, trainable: Tree, base, base_name: str, *,
+                           what: str = "adapter") -> Tree:
+  """The trainable tree initialised from an adapter file (a continuation of an earlier run).
+
+  Args:
+    base: the `pretrained.Loaded` base model (its special tokens and vocabulary are checked against the file).
+    what: how the file is named in errors (the config field it came from).
+  """
+  adapter_file = adapter.read(path)
+  adapter_file.check(base=base_name, base_vocab=base.base_vocab, special_tokens=base.special_tokens)
+  if model.lora is None or adapter_file.config != model.lora:
+    raise ValueError(f"{what}={path!r} holds a LoRA of {adapter_file.config}; this run trains "
+                     f"{model.lora}.")
+  out = {"adapter": jax.tree.map(lambda a, like: jnp.asarray(a, like.dtype), adapter_file.factors,
+                                 trainable["adapter"])}
+  for name in ("new_rows", "new_head"):
+    if name in trainable:
+      array = getattr(adapter_file, name)
+      if array is None or array.shape != trainable[name].shape:
+        raise ValueError(f"{what}={path!r} has no {name} of shape {trainable[name].shape}.")
+      out[name] = jnp.asarray(array, trainable[name].dtype)
+  return out
+
+
+def write_adapter(path: str, model: Model, trainable: Tree, *, base: str, special_tokens: Sequence[str],
+                  dtype: str) -> None:
+  """The trainable tree's LoRA matrices and new token rows as one adapter file (`o1jax.adapter.write`), which
+  `o1jax.pretrained.load` applies."""
+  if model.lora is None:
+    raise ValueError("write_adapter needs LoRA training (lora.rank > 0); a full fine-tune exports with "
+                     "models.hf_io.save_pretrained instead.")
+  adapter.write(path, trainable["adapter"], model.lora, new_rows=trainable["new_rows"],
+                new_head=trainable.get("new_head"), base=base, base_vocab=model.base_vocab,
+                special_tokens=special_tokens, dtype=dtype)

@@ -164,7 +164,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Prepared:
   optimizer = optimizer_config.make()
   frozen, trainable = model.split(base.model.weights(), jax.random.key(config.train.seed))
   if config.train.init_adapter:
-    trainable = _from_adapter(config.train.init_adapter, model, trainable, base, config.model.path)
+    trainable = lm.trainable_from_adapter(config.train.init_adapter, model, trainable, base, config.model.path,
+                                           what="train.init_adapter")
   state = lm.init_state(trainable, optimizer)
   replicated = parallel.replicated(mesh)
   frozen, state = jax.device_put((frozen, state), replicated)
@@ -257,31 +258,4 @@ def _rating_ids(config: ml_collections.ConfigDict, tokenizer) -> tuple[int, int]
   return tokenizer.token_to_id(thoughts.POSITIVE_RATING), tokenizer.token_to_id(thoughts.NEGATIVE_RATING)
 
 
-def _from_adapter(path: str, model: lm.Model, trainable, base: pretrained.Loaded, base_name: str):
-  """The trainable tree initialised from an adapter file (a continuation of an earlier run)."""
-  adapter_file = adapter.read(path)
-  adapter_file.check(base=base_name, base_vocab=base.base_vocab, special_tokens=base.special_tokens)
-  if model.lora is None or adapter_file.config != model.lora:
-    raise ValueError(f"train.init_adapter={path!r} holds a LoRA of {adapter_file.config}; this run trains "
-                     f"{model.lora}.")
-  out = {"adapter": jax.tree.map(lambda a, like: jnp.asarray(a, like.dtype), adapter_file.factors,
-                                 trainable["adapter"])}
-  for name in ("new_rows", "new_head"):
-    if name in trainable:
-      array = getattr(adapter_file, name)
-      if array is None or array.shape != trainable[name].shape:
-        raise ValueError(f"train.init_adapter={path!r} has no {name} of shape {trainable[name].shape}.")
-      out[name] = jnp.asarray(array, trainable[name].dtype)
-  return out
-
-
-def write_adapter(path: str, model: lm.Model, trainable, *, base: str, special_tokens: Sequence[str],
-                  dtype: str) -> None:
-  """The trainable tree's LoRA matrices and new token rows as one adapter file (`o1jax.adapter.write`), which
-  `o1jax.pretrained.load` applies."""
-  if model.lora is None:
-    raise ValueError("write_adapter needs LoRA training (lora.rank > 0); a full fine-tune exports with "
-                     "models.hf_io.save_pretrained instead.")
-  adapter.write(path, trainable["adapter"], model.lora, new_rows=trainable["new_rows"],
-                new_head=trainable.get("new_head"), base=base, base_vocab=model.base_vocab,
-                special_tokens=special_tokens, dtype=dtype)
+write_adapter = lm.write_adapter  # the adapter file of a run (kept here for callers of pretrain.write_adapter)

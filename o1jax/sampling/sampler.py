@@ -326,10 +326,19 @@ class Sampler:
     self.set_weights(model.weights())
 
   def set_weights(self, weights: Mapping[str, Any]) -> None:
-    """Uses new weights (after a learner step); layers are unstacked once here, not per call."""
+    """Uses new weights (after a learner step); layers are unstacked once here, not per call.
+
+    On a mesh with fsdp or tensor axes larger than 1 the weights are sharded by the logical rules (the learner's
+    own placement, `o1jax.parallel.LOGICAL_RULES`), so no device holds a replicated copy; GSPMD gathers what a
+    program needs. On a pure data-parallel mesh they are replicated.
+    """
     weights = decoder.unstack_layers(weights)
     if self.mesh is not None:
-      weights = jax.device_put(weights, parallel.replicated(self.mesh))
+      if self.mesh.shape["fsdp"] > 1 or self.mesh.shape["tensor"] > 1:
+        shardings = parallel.logical_shardings(decoder.unstacked_logical_axes(weights), weights, self.mesh)
+      else:
+        shardings = jax.tree.map(lambda _: parallel.replicated(self.mesh), weights)
+      weights = jax.tree.map(parallel.put, weights, shardings)
     self.weights = weights
 
   def _put(self, tree):
@@ -480,7 +489,7 @@ class Sampler:
       return self._sample_compacting(run, forked, stop_ids, live, rng, len(rows), max_new, compact_every)
     out = run(forked.cache, forked.logits, stop_ids, live, rng, max_new)
     n = len(rows)
-    host = {name: np.asarray(out[name])[:n] for name in (
+    host = {name: parallel.to_host(out[name])[:n] for name in (
         "tokens", "lengths", "stopped", "sampling_log_probs", "model_log_probs", "entropy", "varentropy",
         "step_log_prob", "step_entropy", "step_varentropy")}
     return Samples(**host, prefix=Prefix(cache=out["cache"], logits=out["logits"], num_rows=n))
@@ -515,10 +524,10 @@ class Sampler:
       out = run(cache, logits, stop_ids, live, rng, width)
       count = len(at)
       for name in names:
-        buffers[name][at, offset:offset + width] = np.asarray(out[name])[:count, :width]
-      segment_lengths = np.asarray(out["lengths"])[:count]
+        buffers[name][at, offset:offset + width] = parallel.to_host(out[name])[:count, :width]
+      segment_lengths = parallel.to_host(out["lengths"])[:count]
       lengths[at] += segment_lengths
-      stopped[at] |= np.asarray(out["stopped"])[:count]
+      stopped[at] |= parallel.to_host(out["stopped"])[:count]
       offset += width
       going = ~stopped[at]
       padded = self.buckets.padded_rows(int(going.sum()))
@@ -570,9 +579,9 @@ class Sampler:
     """
     extended = (self.extend(prefix, continuations, donate=donate) if any(len(c) for c in continuations)
                 else prefix)
-    return np.asarray(value_lib.value(extended.logits, positive_id, negative_id))[:prefix.num_rows]
+    return parallel.to_host(value_lib.value(extended.logits, positive_id, negative_id))[:prefix.num_rows]
 
   def score_texts(self, texts: Sequence[Sequence[int]], positive_id: int, negative_id: int) -> np.ndarray:
     """Values of whole token sequences (one prefill each, head only at the last token)."""
     prefix = self.prefill(texts)
-    return np.asarray(value_lib.value(prefix.logits, positive_id, negative_id))[:len(texts)]
+    return parallel.to_host(value_lib.value(prefix.logits, positive_id, negative_id))[:len(texts)]

@@ -362,12 +362,12 @@ def search(model: StepModel, problems: Sequence[Problem], config: MCTSConfig, *,
     if done.all():
       break
     chosen = _select_all(trees, keys, jnp.int32(simulation), config=config)
-    node, expandable, metas = (np.asarray(chosen[name]) for name in ("node", "expandable", "metas"))
+    node, expandable, metas = (parallel.to_host(chosen[name]) for name in ("node", "expandable", "metas"))
     host = trees.host()
     full = expandable & (host.num_nodes + k > config.num_nodes)
     done |= full
     active = ~done
-    key_data = np.asarray(jax.random.key_data(chosen["keys"]))
+    key_data = parallel.to_host(jax.random.key_data(chosen["keys"]))
     plans = [Plan(tree=b, node=int(node[b]), metas=tuple(metas[b]), keys=key_data[b])
              for b in np.flatnonzero(active & expandable)]
     new = {name: np.zeros((padded, k) + (() if name not in ("tokens", "log_probs") else (config.max_step_tokens,)),

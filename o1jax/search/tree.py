@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from o1jax import thoughts
+from o1jax import parallel, thoughts
 
 ROOT = 0        # the root's node id in every tree
 NO_PARENT = -1  # the root's parent
@@ -111,8 +111,8 @@ class Tree:
     return self.tokens.shape[2]
 
   def host(self) -> "Tree":
-    """The same trees as numpy arrays."""
-    return jax.tree.map(np.asarray, self)
+    """The same trees as numpy arrays (on every process of a multi-host job)."""
+    return parallel.to_host(self)
 
   def select(self, rows: Sequence[int] | np.ndarray) -> "Tree":
     """Trees `rows` (numpy arrays)."""

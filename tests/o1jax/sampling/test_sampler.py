@@ -316,6 +316,24 @@ def test_eight_devices_equal_one(models):
   np.testing.assert_allclose(va, vb, atol=1e-5)
 
 
+def test_fsdp_and_tensor_meshes_shard_the_weights(models):
+  """On a 2x2x2 mesh the sampler keeps the learner's sharding of the weights (no replicated copy) and samples what
+  one device samples."""
+  model = models[1]
+  single = Sampler(model, vocab=VOCAB, buckets=BUCKETS, mesh=parallel.make_mesh(devices=jax.devices()[:1]))
+  sharded = Sampler(model, vocab=VOCAB, buckets=BUCKETS, mesh=parallel.make_mesh(2, 2, 2))
+  down = sharded.weights["layers"][0]["down"].sharding
+  assert not down.is_fully_replicated and down.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+  batch_prompts = prompts(model.config.vocab_size, [3, 9, 5, 4])
+  out = []
+  for sampler in (single, sharded):
+    samples = sampler.sample(sampler.prefill(batch_prompts, reserve=16 + 8), k=2, stop=[], max_new_tokens=16,
+                             params=SamplingParams(greedy=True))
+    out.append((samples.tokens, sampler.score(samples.prefix, [[9]] * 8, 11, 12)))
+  np.testing.assert_array_equal(out[0][0], out[1][0])
+  np.testing.assert_allclose(out[0][1], out[1][1], atol=1e-5)
+
+
 def test_first_tokens_follow_the_sampling_distribution(sampler, models):
   """4096 one-token samples of one prompt (temperature 1.3, top-8): each token's frequency matches its
   probability under transformers' logits, filtered in numpy, within 4.5 standard errors; filtered-out tokens
