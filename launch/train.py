@@ -46,6 +46,7 @@ def main(argv):
   except FloatingPointError as e:
     app.fail(str(e))
   print(f"last round: {metrics}")
+  parallel.shutdown()
 
 
 if __name__ == "__main__":

@@ -156,6 +156,13 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     jax.distributed.initialize()
 
 
+def shutdown() -> None:
+  """Ends a multi-host job together: every process waits at a barrier before it exits, so that process 0 (the
+  coordinator) does not leave while others still report to it. A no-op for a single process."""
+  if jax.process_count() > 1:
+    jax.distributed.shutdown()
+
+
 def logical_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
                  rules: dict[str, tuple[str, ...] | None] | None = None) -> P:
   """The PartitionSpec of an array with logical axis `names` (see the module docstring)."""

@@ -380,10 +380,10 @@ def search(model: StepModel, problems: Sequence[Problem], config: MCTSConfig, *,
       steps, values = expansions.run(requests)
       new = expansions.new_nodes(host, requests, steps, values, width=k)
     if mesh is not None:
-      new, active_device, expanded_device = parallel.shard_batch((new, active, active & expandable), mesh)
+      placed, active_device, expanded_device = parallel.shard_batch((new, active, active & expandable), mesh)
     else:
-      active_device, expanded_device = active, active & expandable
-    trees = _grow(trees, new, chosen["node"], expanded_device, active_device, chosen["factors"], config=config)
+      placed, active_device, expanded_device = new, active, active & expandable
+    trees = _grow(trees, placed, chosen["node"], expanded_device, active_device, chosen["factors"], config=config)
     rounds += active
     found = (new["outcome"] == tree_lib.CORRECT) & (np.arange(k) < new["count"][:, None])
     patience -= found.sum(axis=1)
