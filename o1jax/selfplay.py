@@ -131,10 +131,26 @@ class Job:
                                force=True)
         self.checkpointer.wait()
         self.sampler.set_weights(self.model.merged(self.frozen, self.state["trainable"]))
+        self.write_adapter()
     finally:
       self.checkpointer.close()
       writer.close()
     return last
+
+  @property
+  def adapter_path(self) -> str:
+    return os.path.join(self.workdir, "adapter.safetensors")
+
+  def write_adapter(self) -> None:
+    """The trained LoRA and new token rows as {workdir}/adapter.safetensors (process 0; LoRA runs only), which
+    `o1jax.pretrained.load(..., adapter=...)` and `launch.solve --config.model.adapter=...` apply."""
+    if self.model.lora is None or not parallel.is_writer():
+      return
+    trainable = parallel.to_host(self.state["trainable"])
+    temporary = self.adapter_path + ".tmp"
+    lm.write_adapter(temporary, self.model, trainable, base=self.config.model.path,
+                     special_tokens=self.loaded.special_tokens, dtype="float32")
+    os.replace(temporary, self.adapter_path)   # a reader never sees half a file
 
   def _round(self, r: int, writer, progress: bool) -> dict[str, float]:
     config = self.config

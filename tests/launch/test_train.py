@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import smollm2_selfplay
-from o1jax import checkpoint, selfplay
+from o1jax import checkpoint, pretrained, selfplay
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")
@@ -67,6 +67,12 @@ def test_two_rounds_write_metrics_checkpoints_and_resume(tmp_path, tiny_smollm2_
              for r in train)
   assert [r["round"] for r in rows if r["split"] == "round"] == [0, 1]
   assert sorted(os.listdir(os.path.join(workdir, "trees"))) == ["round_0", "round_1"]
+  # The trained adapter loads as the search's model: its merged weights are the learner's.
+  trained = pretrained.load(tiny_smollm2_checkpoint, adapter=os.path.join(workdir, "adapter.safetensors"),
+                            dtype="float32")
+  merged = job.model.merged(job.frozen, job.state["trainable"])
+  np.testing.assert_allclose(np.asarray(trained.model.weights()["layers"]["q"]), np.asarray(merged["layers"]["q"]),
+                             atol=1e-6)
   again = selfplay.prepare(tiny_config(tiny_smollm2_checkpoint), workdir)
   assert again.round == 2 and int(again.state["step"]) == 4 and len(again.replay) == len(job.replay)
   np.testing.assert_array_equal(again.replay.state()["priorities"], job.replay.state()["priorities"])
