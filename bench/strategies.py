@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -84,15 +85,22 @@ def main() -> None:
   workdir = os.path.join(args.workdir, f"{problems}x{budget}")
   strategies = args.strategies.split(",")
 
-  base = smollm2_gsm8k.get_config()
-  loaded = pretrained.load(base.model.path, adapter=base.model.adapter, dtype=base.model.dtype)
-  sampler = Sampler(loaded.model, vocab=loaded.tokenizer.vocab(), buckets=lm.search_buckets(base.sampling.max_rows))
   table = {}
   for strategy in strategies:
     config = config_for(strategy, problems, budget, width)
     job = solve.prepare(config, os.path.join(workdir, strategy))
-    if job.problems:
+    if job.problems and len(strategies) > 1:
+      # One process per strategy: each compiles programs for its own shapes (hundreds over a long run), and a
+      # process that ran them all would hold every one of them.
+      command = [sys.executable, __file__, f"--problems={problems}", f"--budget={budget}",
+                 f"--workdir={args.workdir}", f"--strategies={strategy}"] + (["--quick"] if args.quick else [])
+      subprocess.run(command, check=True)
+    elif job.problems:
       print(f"--- {strategy}: {len(job.problems)} problems", flush=True)
+      base = smollm2_gsm8k.get_config()
+      loaded = pretrained.load(base.model.path, adapter=base.model.adapter, dtype=base.model.dtype)
+      sampler = Sampler(loaded.model, vocab=loaded.tokenizer.vocab(),
+                        buckets=lm.search_buckets(base.sampling.max_rows))
       job.run(solve.step_model_for(config, sampler, loaded.tokenizer))
     table[strategy] = solve.read_results(job.results_path)
   if "best_of_n" in table:

@@ -23,12 +23,16 @@ from o1jax.search import solve  # noqa: E402
 
 _CONFIG = app.define_config_file("config", "configs/smollm2_gsm8k.py", "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/solve_smollm2_gsm8k", "Where results.jsonl and trees/ go.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-host jobs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a multi-host job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's rank in a multi-host job.")
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
   with app.user_errors():
+    parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     job = solve.prepare(config, _WORKDIR.value)
     if not job.problems:
       print(f"all {job.total} problems are already solved in {_WORKDIR.value}; summary: {job.summary()}")
@@ -38,8 +42,10 @@ def main(argv):
   print(f"{config.strategy}: {len(job.problems)} of {job.total} problems to solve ({job.total - len(job.problems)} "
         f"already in {job.results_path})")
   summary = job.run(model, mesh=mesh if config.strategy == "mcts" else None)
-  print(f"\naccuracy {summary['correct']}/{summary['problems']} = {summary['accuracy']:.3f}, "
-        f"{summary['tokens_per_problem']:.0f} tokens generated per problem; results in {job.results_path}")
+  if parallel.is_writer():
+    print(f"\naccuracy {summary['correct']}/{summary['problems']} = {summary['accuracy']:.3f}, "
+          f"{summary['tokens_per_problem']:.0f} tokens generated per problem; results in {job.results_path}")
+  parallel.shutdown()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import ml_collections
 import tqdm
 
-from o1jax import grading
+from o1jax import grading, parallel
 from o1jax.data import problems as problems_lib
 from o1jax.sampling.sampler import SamplingParams
 from o1jax.search import beam, lm, mcts
@@ -142,14 +142,16 @@ class Job:
                        answer=result.answer, correct=bool(correct), nodes=result.num_nodes,
                        tokens=result.usage.generated, **result.usage.as_dict(), strategy=result.strategy,
                        rounds=result.rounds, batch_seconds=round(seconds, 3)))
-      with open(os.path.join(self.workdir, "trees", f"{index}.txt"), "w") as f:
-        f.write(result.to_text() + "\n")
-      with open(os.path.join(self.workdir, "trees", f"{index}.json"), "w") as f:
-        json.dump(result.to_json(), f)
-    with open(self.results_path, "a") as f:
-      for row in rows:
-        f.write(json.dumps(row) + "\n")
-    print_table(rows)
+      if parallel.is_writer():   # every process of a multi-host job holds the same results; one writes them
+        with open(os.path.join(self.workdir, "trees", f"{index}.txt"), "w") as f:
+          f.write(result.to_text() + "\n")
+        with open(os.path.join(self.workdir, "trees", f"{index}.json"), "w") as f:
+          json.dump(result.to_json(), f)
+    if parallel.is_writer():
+      with open(self.results_path, "a") as f:
+        for row in rows:
+          f.write(json.dumps(row) + "\n")
+      print_table(rows)
 
   def summary(self) -> dict[str, Any]:
     rows = read_results(self.results_path)
@@ -216,8 +218,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Job:
     if changed:
       raise ValueError(f"workdir {workdir!r} holds a run with another config ({', '.join(changed[:4])} differ); "
                        "use another --workdir or the same config.")
-  with open(saved_path, "w") as f:
-    json.dump(current, f, indent=2)
+  if parallel.is_writer():
+    with open(saved_path, "w") as f:
+      json.dump(current, f, indent=2)
   done = {r["index"] for r in read_results(os.path.join(workdir, "results.jsonl"))}
   problems = problems_lib.load(config.data.split, config.data.start, config.num_problems)
   indexed = [(config.data.start + i, p) for i, p in enumerate(problems)]

@@ -111,6 +111,11 @@ def test_bad_inputs(tmp_path, tiny_smollm2_checkpoint):
   config = config_file(tmp_path, tiny_smollm2_checkpoint)
   line = error_line(launch(f"--config={config}", "--config.learner.batch_size=6", f"--workdir={tmp_path}/a"))
   assert "learner.batch_size=6 does not split" in line and "8 batch shards" in line
+  missing = str(tmp_path / "missing.safetensors")
+  assert missing in error_line(launch(f"--config={config}", f"--config.model.adapter={missing}",
+                                      f"--workdir={tmp_path}/a"))
+  line = error_line(launch(f"--config={config}", "--coordinator=localhost:1234", f"--workdir={tmp_path}/a"))
+  assert "needs num_processes and process_id" in line
   # A damaged checkpoint: one sentence naming it, and nothing is written over it.
   workdir = str(tmp_path / "b")
   job = selfplay.prepare(tiny_config(tiny_smollm2_checkpoint), workdir)

@@ -160,3 +160,30 @@ def test_bad_config():
   with pytest.raises(ValueError, match="pairwise' needs experience built with pairs=True"):
     learner.Learner(model, optax.sgd(0.1), parallel.make_mesh(), dataclasses.replace(CONFIG, rating_loss="pairwise"),
                     EXPERIENCE, (POSITIVE, NEGATIVE))
+
+
+def test_a_checkpoint_restores_onto_another_mesh(tmp_path):
+  """The whole train state saved from an 8x1x1 mesh comes back on a 2x2x2 mesh with its values and the new
+  mesh's shardings (orbax reads each device's slice)."""
+  from o1jax import checkpoint
+  model, frozen, trainable = tiny(lora=False)
+  optimizer = optax.adamw(1e-3)
+  a = learner.Learner(model, optimizer, parallel.make_mesh(8, 1, 1), CONFIG, EXPERIENCE, (POSITIVE, NEGATIVE))
+  frozen_a, state_a = a.place(frozen, lm.init_state(jax.tree.map(jnp.array, trainable), optimizer))
+  state_a, _, _ = a.step(frozen_a, state_a, parallel.shard_batch(batch(), a.mesh))
+  with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+    ckpt.save(1, state_a, force=True)
+    ckpt.wait()
+  b = learner.Learner(model, optimizer, parallel.make_mesh(2, 2, 2), CONFIG, EXPERIENCE, (POSITIVE, NEGATIVE))
+  _, target = b.place(frozen, lm.init_state(jax.tree.map(jnp.array, trainable), optimizer))
+  with checkpoint.Checkpointer(tmp_path / "ckpt", read_only=True) as ckpt:
+    restored, _, _ = ckpt.restore(target=target)
+  for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(state_a)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  q = restored["trainable"]["layers"]["q"]
+  assert q.sharding.mesh.shape == b.mesh.shape and q.sharding.spec == jax.sharding.PartitionSpec(
+      None, "fsdp", "tensor", None)
+  # And training continues there.
+  frozen_b, _ = b.place(frozen, lm.init_state(jax.tree.map(jnp.array, trainable), optimizer))
+  _, rows, _ = b.step(frozen_b, restored, parallel.shard_batch(batch(seed=1), b.mesh))
+  assert np.isfinite(np.asarray(rows)).all()
