@@ -13,6 +13,12 @@ fusions (`decode_compiler_options`, passed to that one `jax.jit`), which took Sm
 about 265 to 190-250 ms (back-to-back runs on the 2-core VM). The same fusions made the decode step at 16 rows
 about 8% slower and the prefill (8k rows per matmul) 30% slower, which is why they are per program and not in
 CPU_FLAGS.
+
+Several CPU devices in one process (`--xla_force_host_platform_device_count`, the tests' 8 fake devices, a CPU
+mesh) need COLLECTIVE_FLAGS: with XLA:CPU's concurrency-optimized scheduler, a sharded learner step (collectives in
+the gradient-accumulation scan and in the layer scan nested in it) deadlocks on a 2-core machine in about one step
+of three: the devices' threads block in different rendezvous and the 40 s termination timeout aborts the process.
+With the scheduler off, 36 of 36 steps ran (test_learner's three mesh shapes, repeated).
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from __future__ import annotations
 import os
 import sys
 
-CPU_FLAGS = ("--xla_cpu_use_onednn=true", "--xla_cpu_experimental_ynn_fusion_type=")
+COLLECTIVE_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
+CPU_FLAGS = ("--xla_cpu_use_onednn=true", "--xla_cpu_experimental_ynn_fusion_type=") + COLLECTIVE_FLAGS
 YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 DECODE_YNN_FUSIONS = "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
 DECODE_YNN_MIN_ROWS = 64  # measured faster at 64 rows, slower at 16

@@ -17,6 +17,10 @@ root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, root)
 os.chdir(root)
 
+from o1jax import xla_flags  # noqa: E402
+
+xla_flags.configure_cpu(xla_flags.COLLECTIVE_FLAGS)
+
 from o1jax import parallel  # noqa: E402
 
 if num_processes > 1:

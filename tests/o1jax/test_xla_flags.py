@@ -26,8 +26,14 @@ def test_merges_with_user_flags_before_jax_starts():
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                        env={**os.environ, "XLA_FLAGS": ""}).stdout.splitlines()
   assert out[0].split() == ["--xla_cpu_use_onednn=false", "--xla_dump_to=/tmp/x",
-                            "--xla_cpu_experimental_ynn_fusion_type="]
+                            "--xla_cpu_experimental_ynn_fusion_type=",
+                            "--xla_cpu_enable_concurrency_optimized_scheduler=false"]
   assert out[1] == "3.0"
+
+
+def test_this_test_process_runs_with_the_collective_flags():
+  """tests/conftest.py spells COLLECTIVE_FLAGS out (it runs before o1jax may be imported); they must not drift."""
+  assert set(xla_flags.COLLECTIVE_FLAGS) <= set(os.environ["XLA_FLAGS"].split())
 
 
 def test_decode_options_only_on_cpu_from_64_rows_and_only_when_the_user_chose_none(monkeypatch):
