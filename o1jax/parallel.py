@@ -15,9 +15,10 @@ tensor axis of 2), and a mesh axis shards at most one dimension of an array.
 
 Multi-host (JAX's multi-controller model): every process runs the same program on the same host values, and
 the devices of all processes form one mesh. `initialize` starts `jax.distributed` from explicit arguments or the
-environment; `put` places a host value that every process holds on a global sharding, `put_local` builds a
-global array from each process's own rows, and `to_host` reads any array back on every process (gathering the
-shards other processes hold). Files are written by process 0 only (`is_writer`).
+environment (on Cloud TPU VMs from O1JAX_DISTRIBUTED=auto, which launch/pod.sh sets); `put` places a host value
+that every process holds on a global sharding, `put_local` builds a global array from each process's own rows,
+and `to_host` reads any array back on every process (gathering the shards other processes hold). Files are
+written by process 0 only (`is_writer`).
 """
 
 from __future__ import annotations
@@ -124,20 +125,28 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                ) -> None:
   """Starts `jax.distributed` for a multi-host job; a no-op for a single process.
 
-  With no arguments it starts only when the environment describes a multi-process job (JAX finds TPU pods,
-  SLURM and the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables itself). On CPU the
-  processes exchange collectives over gloo.
+  With no arguments it starts only when the environment describes a multi-process job (JAX finds GKE TPU pods,
+  multislice jobs, SLURM and the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables itself).
+  A Cloud TPU VM slice (`gcloud compute tpus tpu-vm create`) sets none of those variables: its workers are
+  described by the VM metadata, which `jax.distributed.initialize()` reads when called with no arguments. So
+  O1JAX_DISTRIBUTED=auto (launch/pod.sh sets it on every worker) starts it that way; explicit arguments still
+  take precedence. On CPU the processes exchange collectives over gloo.
 
   Args:
     coordinator: "host:port" of process 0.
     num_processes, process_id: this job's size and this process's rank.
   """
   env = os.environ
+  auto = env.get("O1JAX_DISTRIBUTED", "")
+  if auto not in ("", "auto"):
+    raise ValueError(f"O1JAX_DISTRIBUTED={auto!r}; expected 'auto' (let JAX find the cluster: Cloud TPU VM "
+                     "metadata, SLURM, ...) or unset.")
   coordinator = coordinator or env.get("JAX_COORDINATOR_ADDRESS")
   num_processes = num_processes if num_processes is not None else int(env.get("JAX_NUM_PROCESSES", "0") or 0)
   process_id = process_id if process_id is not None else (int(env["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in env
                                                           else None)
-  on_pod = any(k in env for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "MEGASCALE_COORDINATOR_ADDRESS"))
+  on_pod = auto == "auto" or any(k in env for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID",
+                                                     "MEGASCALE_COORDINATOR_ADDRESS"))
   if not coordinator and not on_pod:
     if num_processes and num_processes > 1:
       raise ValueError(f"num_processes={num_processes} needs a coordinator address (--coordinator=host:port or "
