@@ -41,7 +41,7 @@ c.data.problems_per_round, c.rounds = 4, 1
 c.mcts.num_simulations = 2
 c.sampling.max_new_tokens, c.sampling.max_rows = 8, 8
 c.experience.seq_len = 384
-c.learner.batch_size, c.learner.steps_per_round = 8, 2
+c.learner.batch_size, c.learner.steps_per_round, c.learner.accumulate = 8, 2, 1
 c.optimizer.learning_rate, c.optimizer.warmup_steps = 1e-3, 1
 
 assert jax.device_count() == 8 and jax.process_count() == num_processes

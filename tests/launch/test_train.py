@@ -28,6 +28,7 @@ TINY = """
     c.sampling.max_rows = 8
     c.experience.seq_len = 384
     c.learner.batch_size = 8
+    c.learner.accumulate = 1
     c.learner.steps_per_round = 2
     c.optimizer.learning_rate = 1e-3
     c.optimizer.warmup_steps = 1

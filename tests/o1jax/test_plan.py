@@ -42,6 +42,7 @@ def tiny_selfplay(preset: str = "tiny_llama", *, mesh=(2, 2, 2), dtype: str = "f
   config.lora.rank, config.lora.alpha = 4, 8.0
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
   config.experience.seq_len = 64
+  config.learner.accumulate = 1
   return config
 
 
