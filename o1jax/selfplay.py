@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -111,6 +112,7 @@ class Job:
   round: int
   sampler: Sampler
   step_model: search_lm.LMStepModel
+  reference: Any = None   # the KL term's reference policy (learner.kl_coef > 0): the trainable weights of round 0
 
   def full_state(self) -> dict:
     """What a checkpoint holds: the train state, the replay's arrays and the round."""
@@ -184,7 +186,8 @@ class Job:
       step = int(self.state["step"])
       batch = self.replay.sample(config.learner.batch_size)
       host = {**batch.rows, "weight": batch.weights.astype(np.float32)}
-      self.state, per_row, metrics = self.learner.step(self.frozen, self.state, self._global_batch(host))
+      self.state, per_row, metrics = self.learner.step(self.frozen, self.state, self._global_batch(host),
+                                                       self.reference)
       metrics = {k: float(v) for k, v in parallel.to_host(metrics).items()}
       for name in ("loss", "grad_norm"):
         if not math.isfinite(metrics[name]):
@@ -231,6 +234,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Job:
   learner = learner_lib.Learner(model, optimizer, mesh, learner_config(config), experience_config(config),
                                 rating_ids)
   frozen, state = learner.place(frozen, lm.init_state(trainable, optimizer))
+  # The KL reference is the policy the run started from (the adapter or fresh LoRA above), also after a resume;
+  # a copy, since every step donates the state's buffers.
+  reference = jax.tree.map(jnp.copy, state["trainable"]) if config.learner.kl_coef > 0 else None
   replay = replay_lib.PrioritizedReplayBuffer(experience_lib.spec(learner.experience), config.replay.capacity,
                                               alpha=config.replay.alpha, beta_start=config.replay.beta_start,
                                               beta_steps=config.replay.beta_steps, seed=config.seed)
@@ -258,7 +264,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Job:
                                      compact_every=config.sampling.compact_every, seed=config.seed)
   return Job(config=config, workdir=workdir, mesh=mesh, loaded=loaded, model=model, learner=learner, frozen=frozen,
              state=state, replay=replay, checkpointer=checkpointer, round=round_index, sampler=sampler,
-             step_model=step_model)
+             step_model=step_model, reference=reference)
 
 
 def _crash_point(name: str) -> None:

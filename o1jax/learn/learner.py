@@ -235,7 +235,13 @@ class Learner:
 
   def step(self, frozen: Tree, state: dict, batch: dict, reference: Tree | None = None
            ) -> tuple[dict, jax.Array, dict]:
-    """One update: (new state, per-row loss [B], metrics). The state is donated (do not reuse it)."""
+    """One update: (new state, per-row loss [B], metrics). The state is donated (do not reuse it).
+
+    `reference`: the reference policy's trainable tree (placed like the state's), needed when config.kl_coef > 0.
+    """
+    if (self.config.kl_coef > 0) != (reference is not None):
+      raise ValueError(f"kl_coef={self.config.kl_coef} needs a reference policy's trainable weights exactly when it "
+                       f"is > 0; the step was given {'none' if reference is None else 'one'}.")
     if self._step is None:
       self._step = self._compile(frozen, batch, reference)
     return self._step(frozen, state, batch, reference)

@@ -135,15 +135,24 @@ def test_bad_inputs(tmp_path, tiny_smollm2_checkpoint):
 
 
 def test_a_nan_loss_stops_before_its_checkpoint(tmp_path, tiny_smollm2_checkpoint, monkeypatch):
+  """Also runs the KL term's path: with kl_coef > 0 the round's learner step gets the run's starting weights as
+  its reference policy (a separate copy: the step donates the state's buffers)."""
   workdir = str(tmp_path / "nan")
-  job = selfplay.prepare(tiny_config(tiny_smollm2_checkpoint), workdir)
+  config = tiny_config(tiny_smollm2_checkpoint)
+  config.learner.kl_coef = 0.1
+  job = selfplay.prepare(config, workdir)
+  for a, b in zip(jax.tree.leaves(job.reference), jax.tree.leaves(job.state["trainable"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   step = job.learner.step
+  seen = []
 
   def poisoned(frozen, state, batch, reference=None):
     state, per_row, metrics = step(frozen, state, batch, reference)
+    seen.append(float(metrics["kl"]))
     return state, per_row, dict(metrics, loss=np.float32("nan"))
   monkeypatch.setattr(job.learner, "step", poisoned)
   with pytest.raises(FloatingPointError, match=r"learner loss is nan at step 1 \(round 0\).*holds the last good"):
     job.run(progress=False)
+  assert seen and abs(seen[0]) < 1e-6   # the first step's policy is its reference
   with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True) as ckpt:
     assert ckpt.all_steps() == []

@@ -52,7 +52,7 @@ CONFIG = learner.LearnerConfig(max_targets=M)
 EXPERIENCE = experience.ExperienceConfig(seq_len=T)
 
 
-def run(model, frozen, trainable, mesh, config=CONFIG, steps=1, data=None, optimizer=None):
+def run(model, frozen, trainable, mesh, config=CONFIG, steps=1, data=None, optimizer=None, reference=None):
   # SGD by default: its update is linear in the gradient, so parameters compare as closely as gradients do (Adam
   # divides by sqrt(v) and turns a rounding-level difference in a near-zero gradient into a full step).
   optimizer = optimizer or optax.sgd(0.5)
@@ -62,7 +62,7 @@ def run(model, frozen, trainable, mesh, config=CONFIG, steps=1, data=None, optim
   metrics = []
   for i in range(steps):
     b = data or batch(seed=i)
-    state, per_row, m = step.step(frozen, state, parallel.shard_batch(b, mesh))
+    state, per_row, m = step.step(frozen, state, parallel.shard_batch(b, mesh), reference)
     metrics.append(jax.tree.map(np.asarray, m))
   return state, np.asarray(per_row), metrics
 
@@ -114,6 +114,26 @@ def test_the_ratio_is_one_until_the_model_changes():
   _, _, metrics = run(model, frozen, trainable, parallel.make_mesh(), steps=2, data=data)
   assert abs(float(metrics[0]["ratio_mean"]) - 1.0) < 1e-5 and float(metrics[0]["clip_fraction"]) == 0.0
   assert abs(float(metrics[1]["ratio_mean"]) - 1.0) > 1e-3
+
+
+def test_kl_to_the_reference_policy():
+  """kl_coef > 0: a reference equal to the trained weights adds nothing (k3 of equal log-probs is 0); another
+  reference adds kl_coef * KL to every row; and the step refuses to run without one."""
+  model, frozen, trainable = tiny(lora=True)
+  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+  with_kl = dataclasses.replace(CONFIG, kl_coef=0.5)
+  _, rows, base = run(model, frozen, trainable, mesh)
+  _, same, metrics = run(model, frozen, trainable, mesh, config=with_kl, reference=trainable)
+  np.testing.assert_allclose(same, rows, rtol=1e-6, atol=1e-7)
+  assert abs(float(metrics[0]["kl"])) < 1e-7
+  other = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(7), a.shape), trainable)
+  _, _, moved = run(model, frozen, trainable, mesh, config=with_kl, reference=other)
+  kl = float(moved[0]["kl"])
+  assert kl > 1e-4
+  # loss = mean(weight * (policy + rating + kl_coef * kl_row)) with the same policy and rating terms.
+  assert float(moved[0]["loss"]) > float(base[0]["loss"]) + 1e-5
+  with pytest.raises(ValueError, match="kl_coef=0.5 needs a reference"):
+    run(model, frozen, trainable, mesh, config=with_kl)
 
 
 def test_gradient_accumulation_equals_one_batch():
