@@ -10,14 +10,14 @@ the other two votes over the same best_of_n trees (the three differ only in the 
 its tree files instead of sampled again.
 
 Prints a markdown table (accuracy with its Wilson 95% interval, tokens generated / prompted / scored per
-problem, seconds per problem); --quick: 2 problems at budget 4 (beam width 2). Last line: one JSON object.
+problem, seconds per problem); --quick: 2 problems at budget 4 (beam width 2), at most 3 steps deep, every
+strategy in one process. Last line: one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -30,6 +30,7 @@ xla_flags.configure_cpu()
 
 from configs import smollm2_gsm8k  # noqa: E402
 from o1jax import grading, pretrained  # noqa: E402
+from o1jax.evaluate import wilson  # noqa: E402
 from o1jax.sampling.sampler import Sampler  # noqa: E402
 from o1jax.search import answers, beam, lm, solve  # noqa: E402
 
@@ -37,23 +38,15 @@ RUN = ("chain", "best_of_n", "beam", "dvts", "mcts")
 REVOTED = {"weighted_best_of_n": "weighted", "majority": "majority"}
 
 
-def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-  """The Wilson score interval of a proportion (95% for z = 1.96)."""
-  if n == 0:
-    return 0.0, 1.0
-  p = correct / n
-  center = (p + z * z / (2 * n)) / (1 + z * z / n)
-  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-  return max(0.0, center - half), min(1.0, center + half)
-
-
-def config_for(strategy: str, problems: int, budget: int, width: int):
+def config_for(strategy: str, problems: int, budget: int, width: int, max_depth: int | None = None):
   c = smollm2_gsm8k.get_config()
   c.strategy, c.num_problems = strategy, problems
   c.batch_size = problems
   c.mcts.num_simulations = budget
   c.beam.n = budget
   c.beam.beam_width = width
+  if max_depth is not None:
+    c.beam.max_depth = c.mcts.max_depth = max_depth
   return c
 
 
@@ -85,11 +78,15 @@ def main() -> None:
   workdir = os.path.join(args.workdir, f"{problems}x{budget}")
   strategies = args.strategies.split(",")
 
+  # --quick: every strategy in this process, sharing one model and its compiled programs (a few shapes at 2
+  # problems), and chains of at most 3 steps; a full run starts one process per strategy (below).
+  max_depth = 3 if args.quick else None
+  sampler = tokenizer = None
   table = {}
   for strategy in strategies:
-    config = config_for(strategy, problems, budget, width)
+    config = config_for(strategy, problems, budget, width, max_depth)
     job = solve.prepare(config, os.path.join(workdir, strategy))
-    if job.problems and len(strategies) > 1:
+    if job.problems and len(strategies) > 1 and not args.quick:
       # One process per strategy: each compiles programs for its own shapes (hundreds over a long run), and a
       # process that ran them all would hold every one of them.
       command = [sys.executable, __file__, f"--problems={problems}", f"--budget={budget}",
@@ -97,11 +94,13 @@ def main() -> None:
       subprocess.run(command, check=True)
     elif job.problems:
       print(f"--- {strategy}: {len(job.problems)} problems", flush=True)
-      base = smollm2_gsm8k.get_config()
-      loaded = pretrained.load(base.model.path, adapter=base.model.adapter, dtype=base.model.dtype)
-      sampler = Sampler(loaded.model, vocab=loaded.tokenizer.vocab(),
-                        buckets=lm.search_buckets(base.sampling.max_rows))
-      job.run(solve.step_model_for(config, sampler, loaded.tokenizer))
+      if sampler is None:
+        base = smollm2_gsm8k.get_config()
+        loaded = pretrained.load(base.model.path, adapter=base.model.adapter, dtype=base.model.dtype)
+        sampler = Sampler(loaded.model, vocab=loaded.tokenizer.vocab(),
+                          buckets=lm.search_buckets(base.sampling.max_rows))
+        tokenizer = loaded.tokenizer
+      job.run(solve.step_model_for(config, sampler, tokenizer))
     table[strategy] = solve.read_results(job.results_path)
   if "best_of_n" in table:
     for name, rule in REVOTED.items():

@@ -58,4 +58,11 @@ def get_config() -> ml_collections.ConfigDict:
       aggregation="last",    # last | min | prod | mean of the steps' p(positive)
       answer="best",         # how beam and dvts choose among their final candidates: best | weighted | majority
   ))
+  # launch.evaluate's sweep (o1jax/evaluate.py): comma-separated strategies, and budgets (samples, beams or
+  # simulations; the chain ignores them). launch.solve does not read it.
+  config.eval = ml_collections.ConfigDict(dict(
+      strategies="chain,best_of_n,weighted_best_of_n,majority,beam,dvts,mcts",
+      budgets="1,2,4,8,16",
+      probe=4,               # compute_optimal.md: difficulty from the first 4 samples' agreement; 0: none
+  ))
   return config

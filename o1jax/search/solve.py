@@ -40,8 +40,10 @@ from o1jax.search.step_model import StepModel
 
 STRATEGIES = ("mcts", "beam", "dvts", "best_of_n", "weighted_best_of_n", "majority", "chain")
 _BEAM_ANSWER = {"best_of_n": "best", "weighted_best_of_n": "weighted", "majority": "majority"}
-# Config entries that do not change what a problem's search gives (a rerun may change them).
-_RESUMABLE_CHANGES = ("num_problems", "batch_size", "sampling.max_rows", "sampling.compact_every")
+# Config entries that do not change what a problem's search gives (a rerun may change them); eval.* is
+# launch.evaluate's sweep, not read here.
+_RESUMABLE_CHANGES = ("num_problems", "batch_size", "sampling.max_rows", "sampling.compact_every",
+                      "eval.strategies", "eval.budgets", "eval.probe")
 
 
 def strategy_config(config: ml_collections.ConfigDict) -> mcts.MCTSConfig | beam.BeamConfig:
