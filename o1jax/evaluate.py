@@ -247,13 +247,6 @@ def runs(config: ml_collections.ConfigDict) -> list[Run]:
   return out
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in d.items():
-    out.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-  return out
-
-
 def read_rows(path: str) -> list[dict]:
   """rows.jsonl's rows ([] when there is none yet)."""
   return solve.read_results(path)
@@ -378,19 +371,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Sweep:
                      f"{config.sampling.max_new_tokens} must be >= 1.")
   if config.eval.probe < 0:
     raise ValueError(f"eval.probe={config.eval.probe} must be >= 0 (0: no compute-optimal comparison).")
-  os.makedirs(workdir, exist_ok=True)
-  saved_path = os.path.join(workdir, "config.json")
-  current = json.loads(config.to_json())
-  if os.path.exists(saved_path):
-    with open(saved_path) as f:
-      a, b = _flatten(json.load(f)), _flatten(current)
-    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(_FREE))
-    if changed:
-      raise ValueError(f"workdir {workdir!r} holds a sweep with another config ({', '.join(changed[:4])} differ); "
-                       "use another --workdir or the same config.")
-  if parallel.is_writer():
-    with open(saved_path, "w") as f:
-      json.dump(current, f, indent=2)
+  solve.claim_workdir(config, workdir, lambda key: key.startswith(_FREE), what="a sweep")
   problems = problems_lib.load(config.data.split, config.data.start, config.num_problems)
   return Sweep(config=config, workdir=workdir, runs=sweep_runs,
                problems=[(config.data.start + i, p) for i, p in enumerate(problems)])

@@ -26,7 +26,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_collections
 import tqdm
@@ -163,6 +163,25 @@ class Job:
                 tokens_per_problem=sum(r["tokens"] for r in rows) / max(len(rows), 1))
 
 
+def claim_workdir(config: ml_collections.ConfigDict, workdir: str, resumable: Callable[[str], bool],
+                  what: str = "a run") -> None:
+  """Makes `workdir` and writes the config to {workdir}/config.json, after refusing a workdir that holds one of
+  another config (flattened keys for which `resumable` is true may differ: a rerun may change them)."""
+  os.makedirs(workdir, exist_ok=True)
+  saved_path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json())
+  if os.path.exists(saved_path):
+    with open(saved_path) as f:
+      a, b = _flatten(json.load(f)), _flatten(current)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not resumable(k))
+    if changed:
+      raise ValueError(f"workdir {workdir!r} holds {what} with another config ({', '.join(changed[:4])} differ); "
+                       "use another --workdir or the same config.")
+  if parallel.is_writer():
+    with open(saved_path, "w") as f:
+      json.dump(current, f, indent=2)
+
+
 def read_results(path: str) -> list[dict]:
   if not os.path.exists(path):
     return []
@@ -209,20 +228,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Job:
   if config.sampling.max_rows < 1 or config.sampling.max_new_tokens < 1:
     raise ValueError(f"sampling.max_rows={config.sampling.max_rows} and sampling.max_new_tokens="
                      f"{config.sampling.max_new_tokens} must be >= 1.")
-  os.makedirs(workdir, exist_ok=True)
-  saved_path = os.path.join(workdir, "config.json")
-  current = json.loads(config.to_json())
-  if os.path.exists(saved_path):
-    with open(saved_path) as f:
-      saved = json.load(f)
-    a, b = _flatten(saved), _flatten(current)
-    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in _RESUMABLE_CHANGES)
-    if changed:
-      raise ValueError(f"workdir {workdir!r} holds a run with another config ({', '.join(changed[:4])} differ); "
-                       "use another --workdir or the same config.")
-  if parallel.is_writer():
-    with open(saved_path, "w") as f:
-      json.dump(current, f, indent=2)
+  claim_workdir(config, workdir, lambda key: key in _RESUMABLE_CHANGES)
   done = {r["index"] for r in read_results(os.path.join(workdir, "results.jsonl"))}
   problems = problems_lib.load(config.data.split, config.data.start, config.num_problems)
   indexed = [(config.data.start + i, p) for i, p in enumerate(problems)]
