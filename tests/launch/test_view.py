@@ -25,7 +25,6 @@ from o1jax.search import tree as tree_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHROMIUM = "/usr/bin/chromium"
-REAL_RUN = os.path.join(ROOT, "runs", "strategies", "100x16", "mcts")
 _LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")
 
 # Problem 0: the root with two children; the answer three steps down the first, so the chosen path is 0 1 3 4.
@@ -334,23 +333,3 @@ def test_chromium_screenshot_is_not_blank(workdir, chromium, tmp_path):
   width, height, rows = png_rows(shot)
   # A blank page is one scanline repeated (whatever the filter); rows of text, bars and badges differ.
   assert (width, height) == (1200, 900) and len(rows) > 100, len(rows)
-
-
-@pytest.mark.skipif(not os.path.isdir(os.path.join(REAL_RUN, "trees")), reason=f"no real run at {REAL_RUN}")
-def test_a_real_run_renders_as_its_files_say(tmp_path, chromium):
-  os.makedirs(tmp_path / "trees")
-  rows = [json.loads(line) for line in open(os.path.join(REAL_RUN, "results.jsonl"))][:3]
-  with open(tmp_path / "results.jsonl", "w") as f:
-    f.write("".join(json.dumps(row) + "\n" for row in rows))
-  for row in rows:
-    shutil.copy(os.path.join(REAL_RUN, "trees", f"{row['index']}.json"), tmp_path / "trees")
-  records = view.load(str(tmp_path / "trees"))
-  page = tmp_path / "page.html"
-  page.write_text(view.render(records))
-  for row, record in zip(rows, records):
-    tree = json.load(open(tmp_path / "trees" / f"{row['index']}.json"))
-    assert len(record["nodes"]) == row["nodes"] + 1 == len(tree["nodes"])
-    assert record["correct"] == row["correct"] and record["path"] == tree["answer_path"]
-    rendered, _ = dump(chromium, page, f"problem={row['index']}")
-    assert len(rendered.nodes) == len(tree["nodes"])
-    assert sorted(i for i, n in rendered.nodes.items() if "on-path" in n["classes"]) == tree["answer_path"]
