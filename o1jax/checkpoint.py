@@ -84,6 +84,35 @@ def _is_damage(error: Exception) -> bool:
   return isinstance(error, ValueError) and re.match(r"[A-Z][A-Z_]+: ", str(error)) is not None
 
 
+# What a step's files start with: OCDBT manifests their magic number; orbax's metadata files are JSON.
+_OCDBT_MAGIC = b"\x0c\xdb\x3a\x2a"
+_JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata")
+
+
+def _first_damaged_file(step_directory: str) -> str | None:
+  """A file of the step that is visibly damaged (a manifest without OCDBT's magic, metadata that is not JSON).
+
+  Checked before orbax reads the step: orbax's restore runs on an asyncio loop that it closes when a read
+  fails, and TensorStore reads still in flight then print "Event loop is closed" tracebacks from their threads
+  after the one-sentence error. What this check cannot see (damaged array chunks) still surfaces through
+  orbax's own errors.
+  """
+  for root, _, files in os.walk(step_directory):
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      try:
+        if name == "manifest.ocdbt":
+          with open(path, "rb") as f:
+            if f.read(len(_OCDBT_MAGIC)) != _OCDBT_MAGIC:
+              return f"{os.path.relpath(path, step_directory)} is not an OCDBT manifest"
+        elif name in _JSON_FILES or name.endswith(".json") or os.path.basename(root) == "array_metadatas":
+          with open(path, "rb") as f:
+            json.loads(f.read().decode("utf-8"))
+      except (UnicodeDecodeError, json.JSONDecodeError):
+        return f"{os.path.relpath(path, step_directory)} is not valid JSON"
+  return None
+
+
 def _damage_reason(error: Exception) -> str:
   """The first line of the error, without TensorStore's spec dump, at most 300 characters."""
   if isinstance(error, KeyError):
@@ -199,6 +228,9 @@ class Checkpointer:
     elif step not in steps:
       raise FileNotFoundError(f"no finished checkpoint for step {step} in {self.directory!r}; finished steps: "
                               f"{steps}.")
+    damaged = _first_damaged_file(os.path.join(self.directory, str(step)))
+    if damaged is not None:
+      raise self._damaged(step, damaged)
     try:
       saved_items = {name for name, _ in self._manager.item_metadata(step).items()}
     except Exception as e:

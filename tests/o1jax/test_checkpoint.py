@@ -200,6 +200,10 @@ def _truncate_array_data(step_dir):
     path.write_bytes(path.read_bytes()[:5])
 
 
+def _overwrite_manifest(step_dir):
+  (step_dir / "state" / "manifest.ocdbt").write_bytes(b"\x00garbage")
+
+
 def _delete_manifest(step_dir):
   (step_dir / "state" / "manifest.ocdbt").unlink()
 
@@ -208,8 +212,10 @@ def _delete_manifest(step_dir):
 # reports an ignored RuntimeError ("Event loop is closed"), orbax's cleanup, not the restore's result.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage, reason", [
-    (_damage_state_metadata, r"UnicodeDecodeError: 'utf-8' codec can't decode byte 0x87 .*"),
-    (_truncate_state_metadata, r"JSONDecodeError: Unterminated string .*"),
+    # Visible damage is found by reading the files before orbax does (o1jax.checkpoint._first_damaged_file).
+    (_damage_state_metadata, r"state/_METADATA is not valid JSON"),
+    (_truncate_state_metadata, r"state/_METADATA is not valid JSON"),
+    (_overwrite_manifest, r"state/manifest.ocdbt is not an OCDBT manifest"),
     (_delete_state, r"no 'state' item, only \['metadata'\]"),
     (_truncate_array_data, r"OUT_OF_RANGE: .*"),
     (_delete_manifest, r"NOT_FOUND: .* does not exist"),
