@@ -137,6 +137,61 @@ def render(records: Sequence[dict[str, Any]], title: str = "o1jax trees") -> str
   return _PAGE.format(title=html.escape(title), style=_STYLE, data=data, script=_SCRIPT)
 
 
+def layout(record: dict[str, Any]) -> dict[int, tuple[float, int]]:
+  """Node id -> (x, depth) for drawing: leaves at 0, 1, 2, ... in depth-first order, a parent above the middle of
+  its children."""
+  nodes = record["nodes"]
+  positions: dict[int, tuple[float, int]] = {}
+  next_leaf = [0.0]
+
+  def place(i: int, depth: int) -> float:
+    children = nodes[i]["children"]
+    if not children:
+      x, next_leaf[0] = next_leaf[0], next_leaf[0] + 1
+    else:
+      xs = [place(c, depth + 1) for c in children]
+      x = (xs[0] + xs[-1]) / 2
+    positions[i] = (x, depth)
+    return x
+  place(0, 0)
+  return positions
+
+
+def draw_png(record: dict[str, Any], path: str) -> None:
+  """One tree as a picture for a paper: a node per step (labelled with its id and value), the chosen answer path
+  drawn thick and red, terminal nodes as squares (values are log-space, as the tree stores them). matplotlib with its Agg backend (no screen needed)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  positions = layout(record)
+  on_path = set(record["path"])
+  width = max(4.0, 0.6 * (1 + max(x for x, _ in positions.values())))
+  height = max(3.0, 0.9 * (1 + max(d for _, d in positions.values())))
+  fig, ax = plt.subplots(figsize=(min(width, 40.0), min(height, 20.0)), dpi=150)
+  for node in record["nodes"]:
+    x, d = positions[node["id"]]
+    for c in node["children"]:
+      cx, cd = positions[c]
+      path_edge = node["id"] in on_path and c in on_path
+      ax.plot([x, cx], [-d, -cd], color="#c0392b" if path_edge else "#999999", lw=2.5 if path_edge else 0.8,
+              zorder=1)
+  for node in record["nodes"]:
+    x, d = positions[node["id"]]
+    value = node.get("value")
+    label = f"{node['id']}" + (f"\n{value:.2f}" if isinstance(value, (int, float)) and node["id"] else "")
+    ax.scatter([x], [-d], s=260, marker="s" if node.get("terminal") else "o", zorder=2,
+               color="#c0392b" if node["id"] in on_path else "#5dade2", edgecolors="black", linewidths=0.5)
+    ax.annotate(label, (x, -d), ha="center", va="center", fontsize=5, zorder=3)
+  verdict = {True: "correct", False: "wrong", None: "not graded"}[record.get("correct")]
+  ax.set_title(f"problem {record['index']}: answer {record.get('answer')!r} ({verdict}), "
+               f"{len(record['nodes'])} nodes", fontsize=8)
+  ax.axis("off")
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
 def _brief(value: Any) -> str:
   text = json.dumps(value)
   return text if len(text) <= 80 else text[:77] + "..."

@@ -333,3 +333,24 @@ def test_chromium_screenshot_is_not_blank(workdir, chromium, tmp_path):
   width, height, rows = png_rows(shot)
   # A blank page is one scanline repeated (whatever the filter); rows of text, bars and badges differ.
   assert (width, height) == (1200, 900) and len(rows) > 100, len(rows)
+
+
+# ------------------------------------------------------------------------------------------------ --png
+
+
+def test_layout_puts_leaves_in_order_and_parents_above_their_children(workdir):
+  record = view.load(str(workdir / "trees"))[0]   # 0 -> (1 -> 3 -> 4), (2 -> 5)
+  assert view.layout(record) == {4: (0, 3), 3: (0, 2), 1: (0, 1), 5: (1, 2), 2: (1, 1), 0: (0.5, 0)}
+
+
+def test_launcher_draws_one_tree_as_a_png(workdir):
+  out = workdir / "tree.png"
+  done = _launch(f"--trees={workdir / 'trees'}", "--png=0", f"--out={out}")
+  assert done.returncode == 0, done.stderr
+  assert "problem 0's tree, 6 nodes" in done.stdout
+  width, height, rows = png_rows(out)
+  assert width >= 400 and height >= 300 and len(rows) > 20   # drawn, not blank
+  done = _launch(f"--trees={workdir / 'trees'}", "--png=7", f"--out={out}")
+  lines = [line for line in done.stderr.splitlines() if line.strip() and not _LOG_LINE.match(line)]
+  assert done.returncode == 2 and lines == [f"error: --png=7 names no tree in {workdir / 'trees'}; it holds "
+                                            "problems [0, 1]."], done.stderr
