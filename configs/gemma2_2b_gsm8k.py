@@ -31,6 +31,8 @@ LLaMA-O1's (its 32 simulations, 2 children per expansion up to 5, c = 1.414, gam
 
 import ml_collections
 
+from configs import smollm2_gsm8k
+
 
 def get_config(job: str = "train") -> ml_collections.ConfigDict:
   """job: "train" (self-play, launch/train.py) or "solve" (evaluation on the test split, launch/solve.py)."""
@@ -53,22 +55,8 @@ def get_config(job: str = "train") -> ml_collections.ConfigDict:
       compact_every=16,
       rating_context="policy",
   ))
-  config.mcts = ml_collections.ConfigDict(dict(
-      num_simulations=32,
-      children_per_expansion=2,
-      max_children=5,
-      exploration=1.414,
-      varentropy_weight=0.1,
-      random_factor=(0.8, 1.2),
-      discount=0.9,
-      eps=1e-6,
-      patience=2,
-      max_depth=8,
-      node_budget=0,
-      answer="max_reward",
-      ground_truth_hint=False,
-      llama_o1_compat=False,
-  ))
+  config.mcts = smollm2_gsm8k.get_config().mcts   # LLaMA-O1's constants (configs/smollm2_gsm8k.py)
+  config.mcts.num_simulations = 32                # LLaMA-O1's own number of simulations
   if job == "solve":
     config.data = ml_collections.ConfigDict(dict(split="gsm8k_test", start=0))
     config.num_problems = 1319   # the whole GSM8K test split

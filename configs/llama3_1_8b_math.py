@@ -35,6 +35,8 @@ built, launch.plan finds that the load itself does not fit a v4 chip: run `pytho
 
 import ml_collections
 
+from configs import smollm2_gsm8k
+
 
 def get_config(job: str = "train") -> ml_collections.ConfigDict:
   """job: "train" (self-play, launch/train.py) or "solve" (MATH-500, launch/solve.py)."""
@@ -57,22 +59,9 @@ def get_config(job: str = "train") -> ml_collections.ConfigDict:
       compact_every=16,
       rating_context="policy",
   ))
-  config.mcts = ml_collections.ConfigDict(dict(
-      num_simulations=32,
-      children_per_expansion=2,
-      max_children=5,
-      exploration=1.414,
-      varentropy_weight=0.1,
-      random_factor=(0.8, 1.2),
-      discount=0.9,
-      eps=1e-6,
-      patience=2,
-      max_depth=6,
-      node_budget=0,
-      answer="max_reward",
-      ground_truth_hint=False,
-      llama_o1_compat=False,
-  ))
+  config.mcts = smollm2_gsm8k.get_config().mcts   # LLaMA-O1's constants (configs/smollm2_gsm8k.py)
+  config.mcts.num_simulations = 32                # LLaMA-O1's own number of simulations
+  config.mcts.max_depth = 6                       # a MATH path stays inside the 2048-token prompt bucket
   if job == "solve":
     config.data = ml_collections.ConfigDict(dict(split="math500", start=0))
     config.num_problems = 500
