@@ -33,7 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.sampler import matmul_flops_per_s  # noqa: E402
+from bench.sampler import best_time, matmul_flops_per_s  # noqa: E402
 from models import hf_io  # noqa: E402
 from o1jax import parallel, pretrained  # noqa: E402
 from o1jax.learn import experience, learner, lm  # noqa: E402
@@ -94,16 +94,6 @@ def torch_step_fn(model, batch: dict, positive: int, negative: int, clip: float,
     optimizer.step()
     return float(loss)
   return step
-
-
-def best_time(fn, repeats: int) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
 
 
 def main() -> None:
