@@ -8,11 +8,18 @@ Budgets are samples (best_of_n and its votes, all three read from one best_of_n 
 beams (beam, dvts) or simulations (mcts); the chain runs once (o1jax/evaluate.py). Writes {workdir}/rows.jsonl,
 table.md, accuracy_vs_tokens.png, accuracy_vs_flops.png and (eval.probe > 0) compute_optimal.md, uniform
 against difficulty-aware allocation of the same samples; a rerun with the same workdir searches only what
-rows.jsonl lacks. A bad flag or config value (an unknown strategy, a budget below 1, a beam width that does not
+rows.jsonl lacks.
+
+  python -m launch.evaluate --compare=before:runs/eval_before,after:runs/eval_after --workdir=runs/eval_compare
+
+draws finished sweeps side by side instead (compare.md, compare_vs_tokens.png, compare_vs_flops.png in
+--workdir; no search, no model). A bad flag or config value (an unknown strategy, a budget below 1, a beam width that does not
 divide a budget) ends the run with one `error:` line and exit status 2 before any model is loaded.
 """
 
 from __future__ import annotations
+
+import os
 
 from o1jax import xla_flags
 
@@ -25,11 +32,21 @@ from o1jax import evaluate, parallel  # noqa: E402
 
 _CONFIG = app.define_config_file("config", "configs/smollm2_gsm8k.py", "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/eval_smollm2_gsm8k", "Where rows.jsonl, table.md and plots go.")
+_COMPARE = flags.DEFINE_string("compare", "", "label:workdir,label:workdir: put finished sweeps side by side in "
+                               "--workdir instead of running one.")
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
+  if _COMPARE.value:
+    with app.user_errors():
+      evaluate.compare(evaluate.parse_compare(_COMPARE.value), _WORKDIR.value)
+    if parallel.is_writer():
+      with open(os.path.join(_WORKDIR.value, "compare.md")) as f:
+        print(f.read(), end="")
+      print(f"table and plots in {_WORKDIR.value}")
+    return
   with app.user_errors():
     sweep = evaluate.prepare(config, _WORKDIR.value)
     pending = sweep.pending

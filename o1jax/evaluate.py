@@ -38,7 +38,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -400,14 +400,20 @@ class Cell:
     return wilson(self.correct, self.problems)
 
 
+def _order(strategies) -> Callable[[tuple[str, int]], tuple[int, int]]:
+  """A sort key of (strategy, budget): REPORT_ORDER (then any other strategy by name), then budget."""
+  order = list(REPORT_ORDER) + sorted(set(strategies) - set(REPORT_ORDER))
+  return lambda cell: (order.index(cell[0]), cell[1])
+
+
 def cells(rows: Sequence[dict]) -> list[Cell]:
   """Rows grouped by (strategy, budget), in REPORT_ORDER (then any other strategy by name) and by budget."""
   groups: dict[tuple[str, int], list[dict]] = {}
   for r in rows:
     groups.setdefault((r["strategy"], r["budget"]), []).append(r)
-  order = list(REPORT_ORDER) + sorted({r["strategy"] for r in rows} - set(REPORT_ORDER))
+  key = _order({r["strategy"] for r in rows})
   out = []
-  for (strategy, budget), group in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
+  for (strategy, budget), group in sorted(groups.items(), key=lambda kv: key(kv[0])):
     n = len(group)
     out.append(Cell(strategy, budget, n, sum(r["correct"] for r in group),
                     sum(r["tokens_generated"] for r in group) / n, sum(r["flops"] for r in group) / n))
@@ -427,22 +433,34 @@ def table(cells_: Sequence[Cell]) -> str:
 
 def plot(cells_: Sequence[Cell], x: str, path: str) -> None:
   """Accuracy (with Wilson bars) against cells_' `x` ("tokens" or "flops") per problem, one line per strategy."""
+  plot_groups({"": cells_}, x, path)
+
+
+def plot_groups(groups: Mapping[str, Sequence[Cell]], x: str, path: str) -> None:
+  """`plot` of several sweeps on one figure: a strategy keeps its colour and each group (a label such as
+  "before" or "after") has its own line style; a single group with the label "" is `plot`."""
   import matplotlib
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for strategy in dict.fromkeys(c.strategy for c in cells_):
-    line = [c for c in cells_ if c.strategy == strategy]
-    xs = [max(getattr(c, x), 1e-9) for c in line]
-    ys = [c.accuracy for c in line]
-    errors = [[c.accuracy - c.interval[0] for c in line], [c.interval[1] - c.accuracy for c in line]]
-    ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=strategy)
+  strategies = list(dict.fromkeys(c.strategy for cells_ in groups.values() for c in cells_))
+  colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  styles = ("-", "--", ":", "-.")
+  for g, (label, cells_) in enumerate(groups.items()):
+    for strategy in dict.fromkeys(c.strategy for c in cells_):
+      line = [c for c in cells_ if c.strategy == strategy]
+      xs = [max(getattr(c, x), 1e-9) for c in line]
+      ys = [c.accuracy for c in line]
+      errors = [[c.accuracy - c.interval[0] for c in line], [c.interval[1] - c.accuracy for c in line]]
+      ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, linestyle=styles[g % len(styles)],
+                  color=colours[strategies.index(strategy) % len(colours)],
+                  label=f"{strategy}, {label}" if label else strategy)
   ax.set_xscale("log")
   ax.set_xlabel({"tokens": "tokens generated per problem", "flops": "forward FLOPs per problem"}[x])
   ax.set_ylabel("accuracy (95% Wilson interval)")
   ax.set_ylim(0, 1)
   ax.grid(True, which="both", alpha=0.3)
-  ax.legend()
+  ax.legend(fontsize="small", ncol=2 if len(groups) > 1 else 1)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -469,6 +487,61 @@ def report(workdir: str, probe: int = 0) -> list[Cell]:
     with open(os.path.join(workdir, "compute_optimal.md"), "w") as f:
       f.write(compute_optimal_table(comparisons, probe))
   return cells_
+
+
+def parse_compare(value: str) -> dict[str, str]:
+  """`label:workdir,label:workdir` (e.g. "before:runs/eval_before,after:runs/eval_after") as {label: workdir}."""
+  groups = {}
+  for item in (i.strip() for i in value.split(",")):
+    label, sep, workdir = item.partition(":")
+    if not sep or not label.strip() or not workdir.strip():
+      raise ValueError(f"--compare has {item!r}; expected label:workdir items separated by commas.")
+    if label.strip() in groups:
+      raise ValueError(f"--compare names the label {label.strip()!r} twice; expected one workdir per label.")
+    groups[label.strip()] = workdir.strip()
+  if len(groups) < 2:
+    raise ValueError(f"--compare={value!r} names {len(groups)} sweep; expected at least two label:workdir items.")
+  return groups
+
+
+def compare(workdirs: Mapping[str, str], out: str) -> dict[str, list[Cell]]:
+  """Sweeps side by side (before / after a self-play round): out/compare.md, a table with one accuracy column per
+  label over the (strategy, budget) cells any of them has, and out/compare_vs_tokens.png and
+  compare_vs_flops.png, every sweep's lines on one figure. Reads rows.jsonl only; searches nothing.
+
+  Raises:
+    ValueError: a workdir with no rows.
+  """
+  groups = {}
+  for label, workdir in workdirs.items():
+    rows = read_rows(os.path.join(workdir, "rows.jsonl"))
+    if not rows:
+      raise ValueError(f"{workdir!r} (label {label!r}) has no rows.jsonl rows to compare.")
+    groups[label] = cells(rows)
+  if not parallel.is_writer():
+    return groups
+  os.makedirs(out, exist_ok=True)
+  keys = sorted({(c.strategy, c.budget) for cells_ in groups.values() for c in cells_},
+                key=_order({c.strategy for cells_ in groups.values() for c in cells_}))
+  labels = list(groups)
+  lines = ["| strategy | budget | " + " | ".join(f"{label}: accuracy [95%], tokens / problem" for label in labels)
+           + " |", "|---|---|" + "---|" * len(labels)]
+  for strategy, budget in keys:
+    entries = []
+    for label in labels:
+      found = [c for c in groups[label] if (c.strategy, c.budget) == (strategy, budget)]
+      if found:
+        c = found[0]
+        low, high = c.interval
+        entries.append(f"{c.correct}/{c.problems} [{low:.3f}, {high:.3f}], {c.tokens:.0f}")
+      else:
+        entries.append("")
+    lines.append(f"| {strategy} | {budget} | " + " | ".join(entries) + " |")
+  with open(os.path.join(out, "compare.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  for x in ("tokens", "flops"):
+    plot_groups(groups, x, os.path.join(out, f"compare_vs_{x}.png"))
+  return groups
 
 
 def load_models(config: ml_collections.ConfigDict, mesh=None):

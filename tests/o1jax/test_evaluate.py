@@ -273,3 +273,45 @@ def test_the_report_compares_uniform_and_adaptive_from_the_runs_chains(tmp_path)
   # with itself, so the allocation is even and adaptive is uniform.
   assert "| majority | 2 | 2/2 [0.342, 1.000] | 2/2 [0.342, 1.000] |" in text
   assert "| majority | 4 | 2/2 [0.342, 1.000] | 2/2 [0.342, 1.000] |" in text
+
+
+def _write_rows(workdir, rows):
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "rows.jsonl"), "w") as f:
+    for strategy, budget, index, correct, tokens in rows:
+      f.write(json.dumps(dict(strategy=strategy, budget=budget, index=index, correct=correct,
+                              tokens_generated=tokens, flops=1e9 * tokens)) + "\n")
+
+
+def test_compare_puts_two_sweeps_side_by_side(tmp_path):
+  # before: mcts@2 1 of 2 right (100 and 300 tokens), chain 0 of 2; after: mcts@2 2 of 2 and best_of_n@4.
+  _write_rows(tmp_path / "a", [("mcts", 2, 0, True, 100), ("mcts", 2, 1, False, 300), ("chain", 1, 0, False, 10),
+                               ("chain", 1, 1, False, 30)])
+  _write_rows(tmp_path / "b", [("mcts", 2, 0, True, 200), ("mcts", 2, 1, True, 200), ("best_of_n", 4, 0, True, 50)])
+  groups = evaluate.compare({"before": str(tmp_path / "a"), "after": str(tmp_path / "b")}, str(tmp_path / "out"))
+  assert list(groups) == ["before", "after"]
+  lines = (tmp_path / "out" / "compare.md").read_text().splitlines()
+  assert lines[0] == ("| strategy | budget | before: accuracy [95%], tokens / problem | after: accuracy [95%], "
+                      "tokens / problem |")
+  # Cells in REPORT_ORDER; Wilson of 1 / 2 is [0.095, 0.905], of 2 / 2 [0.342, 1.000], of 1 / 1 [0.207, 1.000].
+  assert lines[2:] == ["| chain | 1 | 0/2 [0.000, 0.658], 20 |  |",
+                       "| best_of_n | 4 |  | 1/1 [0.207, 1.000], 50 |",
+                       "| mcts | 2 | 1/2 [0.095, 0.905], 200 | 2/2 [0.342, 1.000], 200 |"]
+  for name in ("compare_vs_tokens.png", "compare_vs_flops.png"):
+    data = (tmp_path / "out" / name).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+  with pytest.raises(ValueError, match=r"has no rows.jsonl rows to compare\.$"):
+    evaluate.compare({"before": str(tmp_path / "a"), "none": str(tmp_path / "missing")}, str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("value, message", [
+    ("before:runs/a", "names 1 sweep; expected at least two label:workdir items."),
+    ("before:runs/a,runs/b", "--compare has 'runs/b'; expected label:workdir items"),
+    ("x:runs/a,x:runs/b", "names the label 'x' twice"),
+    ("before:runs/a,after:", "--compare has 'after:'"),
+])
+def test_bad_compare_values_raise_one_sentence(value, message):
+  with pytest.raises(ValueError) as error:
+    evaluate.parse_compare(value)
+  assert message in str(error.value) and str(error.value).endswith(".")
+  assert evaluate.parse_compare("before:runs/a, after:runs/b") == {"before": "runs/a", "after": "runs/b"}
