@@ -31,7 +31,7 @@ LLaMA-O1's (its 32 simulations, 2 children per expansion up to 5, c = 1.414, gam
 
 import ml_collections
 
-from configs import smollm2_gsm8k
+from configs import smollm2_gsm8k, smollm2_selfplay
 
 
 def get_config(job: str = "train") -> ml_collections.ConfigDict:
@@ -72,21 +72,12 @@ def get_config(job: str = "train") -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict(dict(split="gsm8k_train", start=0, problems_per_round=64))
   config.rounds = 100
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=16, tensor=1))
-  config.experience = ml_collections.ConfigDict(dict(seq_len=1024, advantage="gae", gamma=0.99, lam=0.95,
-                                                     sft_paths=2))
-  config.learner = ml_collections.ConfigDict(dict(
-      mode="ppo",
-      clip=0.2,
-      rating_loss="softmax",
-      rating_coef=1.0,
-      kl_coef=0.0,
-      eps=1e-6,
-      accumulate=4,          # 64 rows = 4 per chip, in micro-batches of one row (the backward keeps every layer)
-      batch_size=64,
-      steps_per_round=16,
-  ))
-  config.replay = ml_collections.ConfigDict(dict(capacity=16384, alpha=0.6, beta_start=0.4, beta_steps=1600))
-  config.optimizer = ml_collections.ConfigDict(dict(learning_rate=5e-5, warmup_steps=16, final_fraction=0.1,
-                                                    weight_decay=0.0, clip_norm=1.0, b1=0.9, b2=0.98))
-  config.checkpoint = ml_collections.ConfigDict(dict(keep=3))
+  # The learner, replay and optimizer of configs/smollm2_selfplay.py (PPO + softmax rating loss, GAE, AdamW),
+  # sized for the pod:
+  smollm2_selfplay.learner_blocks(config)
+  config.experience.seq_len = 1024
+  # 64 rows = 4 per chip, in micro-batches of one row (the backward keeps every layer):
+  config.learner.update(dict(accumulate=4, batch_size=64, steps_per_round=16))
+  config.replay.update(dict(capacity=16384, beta_steps=1600))
+  config.optimizer.update(dict(learning_rate=5e-5, warmup_steps=16))
   return config

@@ -35,7 +35,7 @@ built, launch.plan finds that the load itself does not fit a v4 chip: run `pytho
 
 import ml_collections
 
-from configs import smollm2_gsm8k
+from configs import smollm2_gsm8k, smollm2_selfplay
 
 
 def get_config(job: str = "train") -> ml_collections.ConfigDict:
@@ -77,21 +77,12 @@ def get_config(job: str = "train") -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict(dict(split="math_train", start=0, problems_per_round=32))
   config.rounds = 100
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=4, tensor=1))
-  config.experience = ml_collections.ConfigDict(dict(seq_len=1024, advantage="gae", gamma=0.99, lam=0.95,
-                                                     sft_paths=2))
-  config.learner = ml_collections.ConfigDict(dict(
-      mode="ppo",
-      clip=0.2,
-      rating_loss="softmax",
-      rating_coef=1.0,
-      kl_coef=0.0,
-      eps=1e-6,
-      accumulate=8,          # 32 rows = 8 per chip, in micro-batches of one row
-      batch_size=32,
-      steps_per_round=16,
-  ))
-  config.replay = ml_collections.ConfigDict(dict(capacity=16384, alpha=0.6, beta_start=0.4, beta_steps=1600))
-  config.optimizer = ml_collections.ConfigDict(dict(learning_rate=2e-5, warmup_steps=16, final_fraction=0.1,
-                                                    weight_decay=0.0, clip_norm=1.0, b1=0.9, b2=0.98))
-  config.checkpoint = ml_collections.ConfigDict(dict(keep=3))
+  # The learner, replay and optimizer of configs/smollm2_selfplay.py (PPO + softmax rating loss, GAE, AdamW),
+  # sized for the slice:
+  smollm2_selfplay.learner_blocks(config)
+  config.experience.seq_len = 1024
+  # 32 rows = 8 per chip, in micro-batches of one row:
+  config.learner.update(dict(accumulate=8, batch_size=32, steps_per_round=16))
+  config.replay.update(dict(capacity=16384, beta_steps=1600))
+  config.optimizer.update(dict(warmup_steps=16))
   return config

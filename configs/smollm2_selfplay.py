@@ -30,6 +30,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.sampling = search.sampling
   config.mcts = search.mcts
   config.mcts.num_simulations = 8
+  learner_blocks(config)
+  return config
+
+
+def learner_blocks(config: ml_collections.ConfigDict) -> None:
+  """Sets config.experience, learner, replay, optimizer and checkpoint to this config's; the accelerator configs
+  (configs/gemma2_2b_gsm8k.py, configs/llama3_1_8b_math.py) take them from here and change only their sizes."""
   config.experience = ml_collections.ConfigDict(dict(seq_len=768, advantage="gae", gamma=0.99, lam=0.95,
                                                      sft_paths=2))
   config.learner = ml_collections.ConfigDict(dict(
@@ -47,4 +54,3 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer = ml_collections.ConfigDict(dict(learning_rate=2e-5, warmup_steps=4, final_fraction=0.1,
                                                     weight_decay=0.0, clip_norm=1.0, b1=0.9, b2=0.98))
   config.checkpoint = ml_collections.ConfigDict(dict(keep=3))
-  return config
