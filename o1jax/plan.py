@@ -29,9 +29,10 @@ axes). What is counted, section by section, as o1jax builds it today:
                L layers x K kv heads x H head dim x S slots x 2 (keys, values) in the activation dtype, plus its
                slot positions (int32 [S]) and the logits after it (float32 [V]). S = the prompt bucket of the
                longest search path (question + one line of up to max_new_tokens + LINE_TOKENS per depth) + the
-               free slots LMStepModel reserves (hint and header, the step, the rating suffix). Rows: the path
-               caches of this expansion and of the last one (LMStepModel keeps up to `keep_rows` paths, and keeps
-               them after the search, into the learner steps), and DECODE_COPIES x one sampler call's children
+               free slots LMStepModel reserves (hint and header, the step, the rating suffix) + the rating line's
+               last two tokens that a row continued from its rated cache appends. Rows: the path
+               caches of this expansion and of the last one (LMStepModel keeps up to `keep_rows` rows of rated and
+               path caches, and keeps them after the search, into the learner steps), and DECODE_COPIES x one sampler call's children
                (max_rows): the fork, plus the compacting decode's smaller batches and the gather back into one
                (one more for rating_context="value", which forks the path again to rate).
   search_temp  one decode step's vocabulary-wide float32 arrays (VOCAB_TEMPS per row) and one prefill's attention
@@ -588,7 +589,8 @@ def search_entries(config: ml_collections.ConfigDict, dconfig: DecoderConfig, me
     raise ValueError(f"a search path of up to {path_tokens} tokens (a {question_tokens}-token question and "
                      f"{depth} steps of up to sampling.max_new_tokens={max_new}) exceeds the sampler's largest prompt "
                      f"bucket ({buckets.prompt[-1]}); lower {depth_field} or sampling.max_new_tokens.") from None
-  slots = prompt + _reserve(buckets, max_new, sampling.rating_context)
+  # + the rating token and <end_of_rating> a row continued from its rated cache appends (LMStepModel.path_prefix)
+  slots = prompt + _reserve(buckets, max_new, sampling.rating_context) + buckets.new_token_bucket(2)
   path_rows = buckets.padded_rows(min(requests, KEEP_ROWS))
   decode_rows = buckets.padded_rows(min(max_rows, requests * k))
   copies = DECODE_COPIES + (sampling.rating_context == "value")

@@ -137,6 +137,23 @@ _truncate = jax.jit(_truncate_rows)
 _truncate_in_place = jax.jit(_truncate_rows, donate_argnums=0)
 
 
+def _repack_rows(cache: attention.KVCache, num_slots: int) -> attention.KVCache:
+  """Each row's filled slots moved to its front, in slot order, in a cache of num_slots slots (>= every row's
+  filled count; attention reads positions, not slot order, so the move changes no result)."""
+  extra = max(num_slots - cache.num_slots, 0)
+  pad = lambda a, axis: jnp.pad(a, [(0, extra if i == axis else 0) for i in range(a.ndim)])  # noqa: E731
+  positions = jnp.pad(cache.positions, ((0, 0), (0, extra)), constant_values=-1)
+  filled = positions >= 0
+  order = jnp.argsort(jnp.where(filled, 0, 1), axis=1, stable=True)[:, :num_slots]   # [B, num_slots]
+  k = tuple(jnp.take_along_axis(pad(a, 3), order[:, None, None, :], axis=3) for a in cache.k)
+  v = tuple(jnp.take_along_axis(pad(a, 2), order[:, None, :, None], axis=2) for a in cache.v)
+  return attention.KVCache(k=k, v=v, positions=jnp.take_along_axis(positions, order, axis=1),
+                           end=jnp.max(jnp.sum(filled, axis=1)).astype(jnp.int32))
+
+
+_repack = jax.jit(_repack_rows, static_argnames=("num_slots",))
+
+
 @jax.jit
 def _gather(caches: tuple[attention.KVCache, ...], logits: tuple[jax.Array, ...], extra: tuple[jax.Array, ...],
             order: jax.Array) -> tuple[attention.KVCache, jax.Array, tuple[jax.Array, ...]]:
@@ -429,6 +446,15 @@ class Sampler:
                                self._put(order))
     return Prefix(cache=cache, logits=logits, num_rows=len(rows))
 
+  def repack(self, prefix: Prefix, num_slots: int) -> Prefix:
+    """The prefix in a cache of num_slots slots with each row's tokens in its first slots (after `truncate` and
+    decoding rows of different lengths a row's tokens lie apart), so that a row grown on one cache can continue
+    with the free slots of another, or share a cache with freshly prefilled rows (`gather`)."""
+    filled = int(np.max(parallel.to_host(jnp.sum(prefix.cache.positions >= 0, axis=1))))
+    if num_slots < filled:
+      raise ValueError(f"repack to {num_slots} slots would drop tokens of a row that holds {filled}.")
+    return dataclasses.replace(prefix, cache=_repack(prefix.cache, num_slots=num_slots))
+
   def truncate(self, prefix: Prefix, lengths: Sequence[int], *, donate: bool = False) -> Prefix:
     """Row i keeps its first lengths[i] tokens; the later ones become invisible (their slots' positions -1).
 
@@ -577,9 +603,15 @@ class Sampler:
     An empty continuation scores the prefix as it stands (its logits already follow the row's last token).
     donate: as in `extend`.
     """
+    return self.score_and_extend(prefix, continuations, positive_id, negative_id, donate=donate)[0]
+
+  def score_and_extend(self, prefix: Prefix, continuations: Sequence[Sequence[int]], positive_id: int,
+                       negative_id: int, *, donate: bool = False) -> tuple[np.ndarray, Prefix]:
+    """`score`, and the prefix extended by the continuations (to continue a rated row without encoding it again)."""
     extended = (self.extend(prefix, continuations, donate=donate) if any(len(c) for c in continuations)
                 else prefix)
-    return parallel.to_host(value_lib.value(extended.logits, positive_id, negative_id))[:prefix.num_rows]
+    values = parallel.to_host(value_lib.value(extended.logits, positive_id, negative_id))[:prefix.num_rows]
+    return values, extended
 
   def score_texts(self, texts: Sequence[Sequence[int]], positive_id: int, negative_id: int) -> np.ndarray:
     """Values of whole token sequences (one prefill each, head only at the last token)."""

@@ -6,7 +6,9 @@
 
 One `expand` call, for all requests of all trees (in chunks of at most `max_rows` children):
   1. path prefix: each request's root-to-node path, as token ids assembled from the tree's token buffers
-     (o1jax/prompt_tokens.py), is prefilled once (`path_prefix`, the one place a later page pool slots in);
+     (o1jax/prompt_tokens.py), is prefilled once, or taken from the last call's caches (`path_prefix`): a node
+     expanded again from its path cache, a node sampled in the last call (a chain's next step) from the cache
+     it was rated on, so that a chain encodes each step once;
   2. the prefix is forked into one row per child and each row is extended by the child's hint and header (its own
      meta action and local id), then every row samples one step in ONE decode, each from its child's own key,
      stopping at any format token;
@@ -16,7 +18,8 @@ One `expand` call, for all requests of all trees (in chunks of at most `max_rows
      hinted child is rated with its hint in context. `rating_context="value"` instead rates LLaMA-O1's value
      prompt exactly, re-encoding each step's line on the path's cache (no hint), at the price of a second
      extend of about a step's length per child.
-`rate` then hands back the values computed in step 3 (the caches are gone by then: one chunk at a time).
+`rate` then hands back the values computed in step 3. Up to `keep_rows` rows of the rated and the path caches
+stay for the next call (the rated ones first); the rest are dropped chunk by chunk.
 
 A step that stopped at a format token other than `<end_of_thought>`, ran out of tokens, or spelled a format
 token out of plain pieces is cut before it (`PromptTokens.clean_step`) and reported unfinished; its statistics
@@ -52,6 +55,14 @@ def search_buckets(max_rows: int = 64) -> Buckets:
                  new_tokens=(2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512), batch=batch)
 
 
+def _place(order: list[tuple[int, int]], requests: Sequence[int], part: int) -> list[tuple[int, int]]:
+  """order with request requests[j] at row j of `part`."""
+  order = list(order)
+  for row, i in enumerate(requests):
+    order[i] = (part, row)
+  return order
+
+
 class LMStepModel:
   """A StepModel over a Sampler and its tokenizer (see the module docstring).
 
@@ -59,7 +70,8 @@ class LMStepModel:
     max_rows: children per sampler call (requests are split into chunks of at most this many).
     compact_every: decode in segments of this many tokens, moving the running samples into smaller batches
       (Sampler.sample's compact_every; 0 decodes in one segment).
-    keep_rows: at most this many path caches are kept from one call to the next for nodes expanded again.
+    keep_rows: at most this many cache rows are kept from one call to the next: the children's rated caches
+      (their next step continues them), then the paths (for nodes expanded again).
 
   Attributes:
     timings: seconds spent per phase ("prefill", "prompt", "decode", "score") since construction.
@@ -112,33 +124,53 @@ class LMStepModel:
     return self.prompts.path(self.prompts.root(question), lines)
 
   def path_prefix(self, requests: Sequence[Request], paths: Sequence[Sequence[int]],
-                  kept: Sequence[tuple[Prefix, dict[tuple[str, int], int]]] = ()) -> tuple[Prefix, list[bool]]:
-    """The cache of every request's path, one row per request, and which rows were prefilled now.
+                  kept: Sequence[tuple[Prefix, dict[tuple[str, int], tuple[int, tuple[int, ...]]]]] = ()
+                  ) -> tuple[Prefix, list[int]]:
+    """The cache of every request's path, one row per request, and how many of each path's tokens it encoded now.
 
-    A path whose node was expanded in the last `expand` call is taken from that call's caches (LLaMA-O1's
-    widening expands a node several simulations in a row); the others are prefilled, into the same prompt
-    bucket when they fit so that both kinds of rows share one cache. This is the one place where a pool of node
-    caches (a child's pages extending its parent's) would slot in.
+    A path found in the last `expand` call's caches is taken from there instead of being prefilled: a node that
+    call expanded (LLaMA-O1's widening expands a node several simulations in a row) from its path cache, and a
+    child that call sampled (a chain's next step, a beam's kept child, a new MCTS leaf) from the cache it was
+    rated on, which holds its whole line but the rating token and `<end_of_rating>`: those are appended. A row is
+    taken only when the cache's tokens are exactly the start of the path (a hinted child's cache holds its hint,
+    which the path does not: it is prefilled). Taken rows are repacked into the slots of the prefill of the
+    others, so that all share one cache; this is the one place where a pool of node caches would slot in.
     """
-    where = {key: (source, row) for source, (_, rows) in enumerate(kept) for key, row in rows.items()}
-    hits = [where.get((r.problem, r.node)) for r in requests]
+    hits = [self._find(kept, r, path) for r, path in zip(requests, paths)]
     if not any(hits):
-      return self.sampler.prefill(paths, reserve=self._reserve), [True] * len(requests)
-    # Rows can share a cache only with the same slots: keep the hits of the most common slot count.
-    slots = collections.Counter(kept[h[0]][0].cache.num_slots for h in hits if h).most_common(1)[0][0]
-    hits = [h if h and kept[h[0]][0].cache.num_slots == slots else None for h in hits]
+      return self.sampler.prefill(paths, reserve=self._reserve), [len(p) for p in paths]
+    bucket = self.sampler.buckets.prompt_bucket(max(len(p) for p in paths))
+    tails = [paths[i][h[2]:] if h else [] for i, h in enumerate(hits)]
+    tail_slots = self.sampler.buckets.new_token_bucket(max(map(len, tails))) if any(tails) else 0
+    slots = bucket + tail_slots + self._reserve
+    parts, order = [], [(0, 0)] * len(requests)   # order[i]: (part, row) of request i
+    for source in sorted({h[0] for h in hits if h}):
+      taken = [i for i, h in enumerate(hits) if h and h[0] == source]
+      part = self.sampler.repack(self.sampler.gather([kept[source][0]], [(0, hits[i][1]) for i in taken]), slots)
+      if any(tails[i] for i in taken):
+        part = self.sampler.extend(part, [tails[i] for i in taken], bucket=tail_slots, donate=True)
+      order = _place(order, taken, len(parts))
+      parts.append(part)
     missing = [i for i, h in enumerate(hits) if h is None]
-    bucket = slots - self._reserve
-    if missing and max(len(paths[i]) for i in missing) > bucket:
-      return self.sampler.prefill(paths, reserve=self._reserve), [True] * len(requests)
-    used = sorted({h[0] for h in hits if h})
-    sources = [kept[source][0] for source in used]
     if missing:
-      sources.append(self.sampler.prefill([paths[i] for i in missing], reserve=self._reserve, bucket=bucket))
-    part = {source: n for n, source in enumerate(used)}
-    new_row = {i: (len(sources) - 1, j) for j, i in enumerate(missing)}
-    order = [new_row[i] if h is None else (part[h[0]], h[1]) for i, h in enumerate(hits)]
-    return self.sampler.gather(sources, order), [h is None for h in hits]
+      order = _place(order, missing, len(parts))
+      parts.append(self.sampler.prefill([paths[i] for i in missing], reserve=slots - bucket, bucket=bucket))
+    encoded = [len(paths[i]) if h is None else len(tails[i]) for i, h in enumerate(hits)]
+    return self.sampler.gather(parts, order), encoded
+
+  @staticmethod
+  def _find(kept, request: Request, path: Sequence[int]) -> tuple[int, int, int] | None:
+    """(source, row, tokens held) of the kept cache row that starts the request's path, or None."""
+    for source, (_, rows) in enumerate(kept):
+      hit = rows.get((request.problem, request.node))
+      if hit is not None and len(hit[1]) <= len(path) and tuple(path[:len(hit[1])]) == hit[1]:
+        return source, hit[0], len(hit[1])
+    return None
+
+  def _keep(self, prefix: Prefix, rows: dict[tuple[str, int], tuple[int, tuple[int, ...]]]) -> None:
+    """Keeps a cache for the next call while the kept rows stay within keep_rows."""
+    if sum(p.num_rows for p, _ in self._kept) + prefix.num_rows <= self.keep_rows:
+      self._kept.append((prefix, rows))
 
   # -------------------------------------------------------------------------------------------- the protocol
 
@@ -200,13 +232,9 @@ class LMStepModel:
       raise ValueError(f"a hint and header of {max(len(s) for s in suffixes)} tokens do not fit the "
                        f"{self._suffix_slots} slots kept for them (a ground-truth hint this long?).")
     start = time.perf_counter()
-    prefix, prefilled = self.path_prefix(requests, paths, kept)
+    prefix, encoded = self.path_prefix(requests, paths, kept)
     jax.block_until_ready(prefix.logits)
     self.timings["prefill"] += time.perf_counter() - start
-    # Keep this chunk's path caches for the next call, up to keep_rows paths (a round of best-of-N over many
-    # problems expands thousands of distinct nodes, none of them twice: keeping those would only hold memory).
-    if sum(p.num_rows for p, _ in self._kept) + prefix.num_rows <= self.keep_rows:
-      self._kept.append((prefix, {(r.problem, r.node): i for i, r in enumerate(requests)}))
     prompted = self._timed("prompt", lambda: self.sampler.extend(self.sampler.fork(prefix, rows), suffixes,
                                                                   bucket=suffix_bucket, donate=True))
     samples = self._timed("decode", self.sampler.sample, prompted, k=1, stop=self.stop,
@@ -233,21 +261,30 @@ class LMStepModel:
       cut = self.sampler.truncate(samples.prefix, [p + len(t) for p, t in zip(prompt_lengths, kept_tokens)],
                                   donate=True)
       continuations = [[eot, sor]] * len(kept_tokens)
-      values = self._timed("score", self.sampler.score, cut, continuations, self.prompts.positive,
-                           self.prompts.negative, donate=True)
+      values, rated = self._timed("score", self.sampler.score_and_extend, cut, continuations,
+                                  self.prompts.positive, self.prompts.negative, donate=True)
+      held = [(*paths[i], *suffix, *t, eot, sor) for i, suffix, t in zip(rows, suffixes, kept_tokens)]
     else:
       continuations = []
       for i, r in enumerate(requests):
         for child, meta in zip(r.child_ids, r.metas):
           continuations.append(self.prompts.rating_suffix(r.node, child, meta, kept_tokens[len(continuations)]))
-      values = self._timed("score", lambda: self.sampler.score(self.sampler.fork(prefix, rows), continuations,
-                                                               self.prompts.positive, self.prompts.negative,
-                                                               donate=True))
+      values, rated = self._timed("score", lambda: self.sampler.score_and_extend(
+          self.sampler.fork(prefix, rows), continuations, self.prompts.positive, self.prompts.negative,
+          donate=True))
+      held = [(*paths[i], *c) for i, c in zip(rows, continuations)]
+    # Keep the caches for the next call, up to keep_rows rows: first the children's rated caches (a chain, a beam
+    # or a new leaf continues from one of them), then the paths (for nodes expanded again). A round of best-of-N
+    # over many problems expands thousands of distinct nodes, none of them twice: their paths would only hold
+    # memory.
+    children = [(r.problem, c) for r in requests for c in r.child_ids]
+    self._keep(rated, {key: (j, tuple(map(int, h))) for j, (key, h) in enumerate(zip(children, held))})
+    self._keep(prefix, {(r.problem, r.node): (i, tuple(map(int, paths[i]))) for i, r in enumerate(requests)})
     out, j = [], 0
     for i, r in enumerate(requests):
       request_steps = []
       for n, child in enumerate(r.child_ids):
-        prompt_tokens = len(suffixes[j]) + (len(paths[i]) if n == 0 and prefilled[i] else 0)
+        prompt_tokens = len(suffixes[j]) + (encoded[i] if n == 0 else 0)
         request_steps.append(Step(**steps[j], prompt_tokens=prompt_tokens, rating_tokens=len(continuations[j])))
         self._values[(r.problem, child)] = min(float(values[j]), 0.0)
         j += 1

@@ -242,6 +242,31 @@ def test_truncate_drops_the_end_of_a_sample(sampler, models):
     sampler.truncate(samples.prefix, [3])
 
 
+def test_a_rated_row_repacked_continues_as_the_whole_text(sampler, models):
+  """The search's chain pattern: sample, cut, rate on the cache (score_and_extend), then repack the rated rows
+  into a cache of other slots (fewer and more) and continue them: every value equals its whole text's."""
+  (parent,) = prompts(models[1].config.vocab_size, [6], seed=3)
+  samples = sampler.sample(sampler.prefill([parent], reserve=16 + 8), k=3, stop=[], max_new_tokens=8,
+                           params=SamplingParams(temperature=1.0), seed=4)
+  kept = (2, 5, 8)
+  cut = sampler.truncate(samples.prefix, [len(parent) + n for n in kept])
+  values, rated = sampler.score_and_extend(cut, [[7, 9]] * 3, 11, 12)
+  texts = [parent + s[:n] + [7, 9] for s, n in zip(samples.sequences(), kept)]
+  np.testing.assert_allclose(values, sampler.score_texts(texts, 11, 12), atol=1e-5)
+  assert rated.cache.num_slots == 8 + 16 + 8 and int(rated.cache.end) > max(len(t) for t in texts)
+  for slots in (24, 40):
+    packed = sampler.repack(rated, slots)
+    assert packed.cache.num_slots == slots and int(packed.cache.end) == max(len(t) for t in texts)
+    np.testing.assert_array_equal(np.asarray(packed.cache.positions[:3, :len(texts[0])]),
+                                  np.arange(len(texts[0]))[None].repeat(3, 0))
+    more = [[20, 21, 22, 7, 9], [23, 7, 9], [24, 25, 7, 9]]
+    on_cache = sampler.score(packed, more, 11, 12)
+    whole = sampler.score_texts([t + m for t, m in zip(texts, more)], 11, 12)
+    np.testing.assert_allclose(on_cache, whole, atol=1e-5)
+  with pytest.raises(ValueError, match=r"repack to 15 slots would drop tokens of a row that holds 16\."):
+    sampler.repack(rated, 15)
+
+
 def test_fork_copies_rows(sampler, models):
   prefix = sampler.prefill(prompts(models[1].config.vocab_size, [4, 7, 5]), reserve=8)
   forked = sampler.fork(prefix, [2, 0, 2])

@@ -9,7 +9,7 @@ import pytest
 from models import decoder
 from o1jax import pretrained, thoughts
 from o1jax.sampling.sampler import Sampler, SamplingParams
-from o1jax.search import lm, mcts
+from o1jax.search import beam, lm, mcts
 from o1jax.search import tree as tree_lib
 from o1jax.search.result import Problem
 
@@ -86,6 +86,44 @@ def test_values_equal_scoring_each_whole_prompt(loaded, rating_context):
   assert set(model.timings) == {"prefill", "prompt", "decode", "score"}
   usage = results[0].usage
   assert usage.generated >= results[0].num_nodes and usage.prompted > 0 and usage.scored > 0
+
+
+@pytest.mark.parametrize("rating_context", ["policy", "value"])
+def test_chains_continue_on_their_rated_caches(loaded, rating_context):
+  """best_of_n and beam: after the root, every step continues the cache its parent was rated on (nothing is
+  prefilled again), and the values and behaviour log-probs still equal scoring and running each whole prompt."""
+  for config in (beam.BeamConfig(strategy="best_of_n", n=2, max_depth=3, max_step_tokens=9),
+                 beam.BeamConfig(strategy="beam", n=4, beam_width=2, max_depth=3, max_step_tokens=9)):
+    model = step_model(loaded, rating_context)
+    prefilled = []
+    prefill = model.sampler.prefill
+    model.sampler.prefill = lambda prompts, **kw: prefilled.append(len(prompts)) or prefill(prompts, **kw)
+    # The random model seldom ends a step within 8 tokens, and an unfinished step is terminal: call every step
+    # finished so that the chains go on (the caches hold each line's <end_of_thought> either way).
+    expand = model.expand
+    model.expand = lambda requests: [[dataclasses.replace(s, finished=True) for s in steps]
+                                     for steps in expand(requests)]
+    results = beam.search(model, PROBLEMS[:2], config, progress=False)
+    assert prefilled == [2]   # the two roots, once
+    prompts, ratings, deep = [], [], 0
+    for r in results:
+      for node in range(1, r.num_nodes + 1):
+        prompts.append(whole_prompt(model, r, node, rating_context))
+        ratings.append(float(r.tree.rating[0, node]))
+        deep += int(r.tree.parent[0, node]) != tree_lib.ROOT
+    assert deep >= 4   # steps below the root's children were sampled on reused caches
+    expected = model.sampler.score_texts(prompts, model.prompts.positive, model.prompts.negative)
+    np.testing.assert_allclose(ratings, np.minimum(expected, 0.0), atol=2e-5)
+    t, p = results[0].tree, model.prompts
+    for node in range(1, results[0].num_nodes + 1):
+      prompt = whole_prompt(model, results[0], node, "policy")[:-2]
+      step = list(t.tokens[0, node, :t.length[0, node]])   # (an <end_of_thought> sampled would be the model's)
+      logits = np.asarray(loaded.model(np.asarray([prompt], np.int32)))[0].astype(np.float64)
+      log_probs = logits - logits.max(-1, keepdims=True)
+      log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+      start = len(prompt) - len(step) - 1
+      np.testing.assert_allclose(t.log_probs[0, node, :len(step)],
+                                 [log_probs[start + i, tok] for i, tok in enumerate(step)], atol=2e-4)
 
 
 def test_behaviour_log_probs_are_the_models_own(loaded):
