@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# README's Results section in one command: one self-play round from the committed rating adapter, the same
+# evaluation sweep before and after it on the first GSM8K test problems (ground-truth hint off), and the two side
+# by side. Every step is resumable: run the same command again after a kill and it goes on where it stopped.
+#   bash launch/results.sh                       # 200 problems, budgets 1,2,4 (about 2 h on a 2-core CPU)
+#   PROBLEMS=50 BUDGETS=1,2,4,8 bash launch/results.sh
+#   STRATEGIES=chain,best_of_n,weighted_best_of_n,majority,beam,dvts,mcts BUDGETS=4,8,16,32 bash launch/results.sh
+# Writes under $OUT (runs): selfplay_round1/ (the round's adapter.safetensors), eval_before/ and eval_after/
+# (rows.jsonl, table.md, plots; o1jax/evaluate.py) and eval_compare/ (compare.md, compare_vs_tokens.png,
+# compare_vs_flops.png). A workdir keeps the settings it was started with: give another OUT for other ones.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-.venv/bin/python}
+out=${OUT:-runs}
+problems=${PROBLEMS:-200}
+budgets=${BUDGETS:-1,2,4}
+strategies=${STRATEGIES:-chain,best_of_n,weighted_best_of_n,majority,mcts}
+batch=${BATCH:-50}
+[ -x "$python" ] || { echo "error: $python not found; run 'bash launch/install.sh' first." >&2; exit 2; }
+adapter=$out/selfplay_round1/adapter.safetensors
+if [ ! -f "$adapter" ]; then
+  "$python" -m launch.train --config=configs/smollm2_selfplay.py --config.rounds=1 --workdir="$out/selfplay_round1"
+fi
+sweep=(--config=configs/smollm2_gsm8k.py --config.num_problems="$problems" --config.batch_size="$batch"
+       --config.eval.strategies="$strategies" --config.eval.budgets="$budgets" --config.eval.probe=2)
+"$python" -m launch.evaluate "${sweep[@]}" --workdir="$out/eval_before"
+"$python" -m launch.evaluate "${sweep[@]}" --config.model.adapter="$adapter" --workdir="$out/eval_after"
+"$python" -m launch.evaluate --compare="before:$out/eval_before,after:$out/eval_after" --workdir="$out/eval_compare"
