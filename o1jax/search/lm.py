@@ -71,7 +71,8 @@ class LMStepModel:
     compact_every: decode in segments of this many tokens, moving the running samples into smaller batches
       (Sampler.sample's compact_every; 0 decodes in one segment).
     keep_rows: at most this many cache rows are kept from one call to the next: the children's rated caches
-      (their next step continues them), then the paths (for nodes expanded again).
+      (their next step continues them), then (keep_paths) the paths, for nodes expanded again.
+    keep_paths: False for the step-level strategies (o1jax.search.beam), which never expand a node twice.
 
   Attributes:
     timings: seconds spent per phase ("prefill", "prompt", "decode", "score") since construction.
@@ -79,7 +80,8 @@ class LMStepModel:
 
   def __init__(self, sampler: Sampler, tokenizer, *, max_new_tokens: int = 64,
                params: SamplingParams = SamplingParams(temperature=0.7), rating_context: str = "policy",
-               max_rows: int = 64, compact_every: int = 16, keep_rows: int = 256, seed: int = 0):
+               max_rows: int = 64, compact_every: int = 16, keep_rows: int = 256, keep_paths: bool = True,
+               seed: int = 0):
     if rating_context not in RATING_CONTEXTS:
       raise ValueError(f"rating_context={rating_context!r}; expected one of {RATING_CONTEXTS}.")
     if max_rows < 1 or max_new_tokens < 1:
@@ -93,6 +95,7 @@ class LMStepModel:
     self.max_rows = max_rows
     self.compact_every = compact_every
     self.keep_rows = keep_rows
+    self.keep_paths = keep_paths
     self.stop = sorted(self.prompts.special_ids)
     self.timings: collections.Counter = collections.Counter()
     self._questions: dict[str, list[int]] = {}
@@ -124,7 +127,7 @@ class LMStepModel:
     return self.prompts.path(self.prompts.root(question), lines)
 
   def path_prefix(self, requests: Sequence[Request], paths: Sequence[Sequence[int]],
-                  kept: Sequence[tuple[Prefix, dict[tuple[str, int], tuple[int, tuple[int, ...]]]]] = ()
+                  kept: Sequence[tuple[Prefix, dict[tuple[str, int], tuple[int, tuple[int, ...]]]] | None] = ()
                   ) -> tuple[Prefix, list[int]]:
     """The cache of every request's path, one row per request, and how many of each path's tokens it encoded now.
 
@@ -161,8 +164,8 @@ class LMStepModel:
   @staticmethod
   def _find(kept, request: Request, path: Sequence[int]) -> tuple[int, int, int] | None:
     """(source, row, tokens held) of the kept cache row that starts the request's path, or None."""
-    for source, (_, rows) in enumerate(kept):
-      hit = rows.get((request.problem, request.node))
+    for source, entry in enumerate(kept):
+      hit = None if entry is None else entry[1].get((request.problem, request.node))
       if hit is not None and len(hit[1]) <= len(path) and tuple(path[:len(hit[1])]) == hit[1]:
         return source, hit[0], len(hit[1])
     return None
@@ -176,18 +179,28 @@ class LMStepModel:
 
   def expand(self, requests: Sequence[Request]) -> list[list[Step]]:
     self._values = {}
-    kept, self._kept = self._kept, []   # this call's chunks keep their path caches in place of the last call's
-    out: list[list[Step]] = []
-    chunk: list[Request] = []
+    kept, self._kept = list(self._kept), []   # this call's chunks keep their caches in place of the last call's
+    chunks: list[list[Request]] = [[]]
     rows = 0
-    for request in list(requests) + [None]:
-      k = 0 if request is None else len(request.child_ids)
-      if chunk and (request is None or rows + k > self.max_rows):
+    for request in requests:
+      k = len(request.child_ids)
+      if chunks[-1] and rows + k > self.max_rows:
+        chunks.append([])
+        rows = 0
+      chunks[-1].append(request)
+      rows += k
+    # A kept cache is dropped after the last chunk that takes rows from it (the memory of a multi-chunk call is
+    # then about one call's caches, not two).
+    last = {}
+    for n, chunk in enumerate(chunks):
+      for r in chunk:
+        last.update({source: n for source, entry in enumerate(kept) if (r.problem, r.node) in entry[1]})
+    kept = [entry if source in last else None for source, entry in enumerate(kept)]
+    out: list[list[Step]] = []
+    for n, chunk in enumerate(chunks):
+      if chunk:
         out += self._expand_chunk(chunk, kept)
-        chunk, rows = [], 0
-      if request is not None:
-        chunk.append(request)
-        rows += k
+      kept = [None if last.get(source) == n else entry for source, entry in enumerate(kept)]
     self._calls += 1
     return out
 
@@ -279,7 +292,8 @@ class LMStepModel:
     # memory.
     children = [(r.problem, c) for r in requests for c in r.child_ids]
     self._keep(rated, {key: (j, tuple(map(int, h))) for j, (key, h) in enumerate(zip(children, held))})
-    self._keep(prefix, {(r.problem, r.node): (i, tuple(map(int, paths[i]))) for i, r in enumerate(requests)})
+    if self.keep_paths:
+      self._keep(prefix, {(r.problem, r.node): (i, tuple(map(int, paths[i]))) for i, r in enumerate(requests)})
     out, j = [], 0
     for i, r in enumerate(requests):
       request_steps = []

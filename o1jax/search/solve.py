@@ -95,7 +95,7 @@ def step_model_for(config: ml_collections.ConfigDict, sampler, tokenizer) -> lm.
   return lm.LMStepModel(sampler, tokenizer, max_new_tokens=config.sampling.max_new_tokens,
                         params=sampling_params(config), rating_context=config.sampling.rating_context,
                         max_rows=config.sampling.max_rows, compact_every=config.sampling.compact_every,
-                        seed=config.seed)
+                        keep_paths=config.strategy == "mcts", seed=config.seed)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -36,10 +36,10 @@ def loaded(tiny_smollm2_checkpoint):
   return dataclasses.replace(loaded, model=model)
 
 
-def step_model(loaded, rating_context="policy", max_rows=16):
+def step_model(loaded, rating_context="policy", max_rows=16, **kwargs):
   sampler = Sampler(loaded.model, vocab=loaded.tokenizer.vocab(), buckets=lm.search_buckets(max_rows))
   return lm.LMStepModel(sampler, loaded.tokenizer, max_new_tokens=8, params=SamplingParams(temperature=1.0),
-                        rating_context=rating_context, max_rows=max_rows)
+                        rating_context=rating_context, max_rows=max_rows, **kwargs)
 
 
 # max_children=4: the root is expanded at simulations 1 and 2 (its path cache reused at 2), then each tree descends
@@ -94,7 +94,7 @@ def test_chains_continue_on_their_rated_caches(loaded, rating_context):
   prefilled again), and the values and behaviour log-probs still equal scoring and running each whole prompt."""
   for config in (beam.BeamConfig(strategy="best_of_n", n=2, max_depth=3, max_step_tokens=9),
                  beam.BeamConfig(strategy="beam", n=4, beam_width=2, max_depth=3, max_step_tokens=9)):
-    model = step_model(loaded, rating_context)
+    model = step_model(loaded, rating_context, max_rows=4, keep_paths=False)   # beam: 8 children, two chunks
     prefilled = []
     prefill = model.sampler.prefill
     model.sampler.prefill = lambda prompts, **kw: prefilled.append(len(prompts)) or prefill(prompts, **kw)
@@ -104,7 +104,8 @@ def test_chains_continue_on_their_rated_caches(loaded, rating_context):
     model.expand = lambda requests: [[dataclasses.replace(s, finished=True) for s in steps]
                                      for steps in expand(requests)]
     results = beam.search(model, PROBLEMS[:2], config, progress=False)
-    assert prefilled == [2]   # the two roots, once
+    assert sum(prefilled) == 2   # the two roots, once
+    assert [len(rows) for _, rows in model._kept] == [4] * (config.width * 2 // 4)   # rated caches only
     prompts, ratings, deep = [], [], 0
     for r in results:
       for node in range(1, r.num_nodes + 1):
