@@ -15,7 +15,7 @@ out=${OUT:-runs}
 problems=${PROBLEMS:-200}
 budgets=${BUDGETS:-1,2,4}
 strategies=${STRATEGIES:-chain,best_of_n,weighted_best_of_n,majority,mcts}
-batch=${BATCH:-50}
+batch=${BATCH:-32}
 [ -x "$python" ] || { echo "error: $python not found; run 'bash launch/install.sh' first." >&2; exit 2; }
 adapter=$out/selfplay_round1/adapter.safetensors
 if [ ! -f "$adapter" ]; then
