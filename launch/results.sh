@@ -15,14 +15,20 @@ out=${OUT:-runs}
 problems=${PROBLEMS:-200}
 budgets=${BUDGETS:-1,2,4}
 strategies=${STRATEGIES:-chain,best_of_n,weighted_best_of_n,majority,mcts}
-batch=${BATCH:-32}
+# Problems searched together and children per sampler call: 16 and 32 keep a best-of-4 sweep of SmolLM2 under
+# about 14 GiB (its caches of 8-step chains are 50 MB a row); 32 x 64 went past 24 GiB.
+batch=${BATCH:-16}
+max_rows=${MAX_ROWS:-32}
 [ -x "$python" ] || { echo "error: $python not found; run 'bash launch/install.sh' first." >&2; exit 2; }
 adapter=$out/selfplay_round1/adapter.safetensors
 if [ ! -f "$adapter" ]; then
   "$python" -m launch.train --config=configs/smollm2_selfplay.py --config.rounds=1 --workdir="$out/selfplay_round1"
 fi
 sweep=(--config=configs/smollm2_gsm8k.py --config.num_problems="$problems" --config.batch_size="$batch"
+       --config.sampling.max_rows="$max_rows"
        --config.eval.strategies="$strategies" --config.eval.budgets="$budgets" --config.eval.probe=2)
 "$python" -m launch.evaluate "${sweep[@]}" --workdir="$out/eval_before"
-"$python" -m launch.evaluate "${sweep[@]}" --config.model.adapter="$adapter" --workdir="$out/eval_after"
+# AFTER_PROBLEMS: the after sweep on the first problems only (the comparison takes the problems both have).
+"$python" -m launch.evaluate "${sweep[@]}" --config.num_problems="${AFTER_PROBLEMS:-$problems}" \
+    --config.model.adapter="$adapter" --workdir="$out/eval_after"
 "$python" -m launch.evaluate --compare="before:$out/eval_before,after:$out/eval_after" --workdir="$out/eval_compare"

@@ -507,17 +507,28 @@ def parse_compare(value: str) -> dict[str, str]:
 def compare(workdirs: Mapping[str, str], out: str) -> dict[str, list[Cell]]:
   """Sweeps side by side (before / after a self-play round): out/compare.md, a table with one accuracy column per
   label over the (strategy, budget) cells any of them has, and out/compare_vs_tokens.png and
-  compare_vs_flops.png, every sweep's lines on one figure. Reads rows.jsonl only; searches nothing.
+  compare_vs_flops.png, every sweep's lines on one figure. A cell in several sweeps counts only the problems
+  (indices) all of them have for it. Reads rows.jsonl only; searches nothing.
 
   Raises:
     ValueError: a workdir with no rows.
   """
-  groups = {}
+  rows = {}
   for label, workdir in workdirs.items():
-    rows = read_rows(os.path.join(workdir, "rows.jsonl"))
-    if not rows:
+    rows[label] = read_rows(os.path.join(workdir, "rows.jsonl"))
+    if not rows[label]:
       raise ValueError(f"{workdir!r} (label {label!r}) has no rows.jsonl rows to compare.")
-    groups[label] = cells(rows)
+  # A cell that several sweeps have is compared on the problems all of them have for it.
+  problems: dict[tuple[str, int], list[set[int]]] = {}
+  for group in rows.values():
+    found: dict[tuple[str, int], set[int]] = {}
+    for r in group:
+      found.setdefault((r["strategy"], r["budget"]), set()).add(r["index"])
+    for cell, indices in found.items():
+      problems.setdefault(cell, []).append(indices)
+  common = {cell: set.intersection(*sets) for cell, sets in problems.items()}
+  groups = {label: cells([r for r in group if r["index"] in common[(r["strategy"], r["budget"])]])
+            for label, group in rows.items()}
   if not parallel.is_writer():
     return groups
   os.makedirs(out, exist_ok=True)

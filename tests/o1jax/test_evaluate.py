@@ -287,7 +287,8 @@ def test_compare_puts_two_sweeps_side_by_side(tmp_path):
   # before: mcts@2 1 of 2 right (100 and 300 tokens), chain 0 of 2; after: mcts@2 2 of 2 and best_of_n@4.
   _write_rows(tmp_path / "a", [("mcts", 2, 0, True, 100), ("mcts", 2, 1, False, 300), ("chain", 1, 0, False, 10),
                                ("chain", 1, 1, False, 30)])
-  _write_rows(tmp_path / "b", [("mcts", 2, 0, True, 200), ("mcts", 2, 1, True, 200), ("best_of_n", 4, 0, True, 50)])
+  _write_rows(tmp_path / "b", [("mcts", 2, 0, True, 200), ("mcts", 2, 1, True, 200), ("best_of_n", 4, 0, True, 50),
+                               ("mcts", 2, 2, True, 900)])   # problem 2: not in "a", left out of mcts@2
   groups = evaluate.compare({"before": str(tmp_path / "a"), "after": str(tmp_path / "b")}, str(tmp_path / "out"))
   assert list(groups) == ["before", "after"]
   lines = (tmp_path / "out" / "compare.md").read_text().splitlines()
