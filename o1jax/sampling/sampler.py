@@ -436,8 +436,12 @@ class Sampler:
     slots = {p.cache.num_slots for p in prefixes}
     if len(slots) != 1:
       raise ValueError(f"prefixes to gather from have {sorted(slots)} slots; they need the same number.")
+    if not rows:
+      raise ValueError("gather needs at least one row.")
     offsets = np.cumsum([0] + [p.cache.batch_size for p in prefixes])
-    order = np.zeros(self.buckets.padded_rows(len(rows)), np.int32)
+    # Padding rows repeat the first row taken: a copy of another row could hold more tokens than any taken one
+    # and move the cache's end (and `repack`'s) past them.
+    order = np.full(self.buckets.padded_rows(len(rows)), offsets[rows[0][0]] + rows[0][1], np.int32)
     for i, (part, row) in enumerate(rows):
       if not 0 <= row < prefixes[part].num_rows:
         raise ValueError(f"row {row} is not one of the {prefixes[part].num_rows} rows of prefix {part}.")

@@ -1,6 +1,8 @@
 """The sampler and the value scorer against transformers (tiny random Llama and Gemma-2) and against themselves
 under re-batching, re-sharding and re-seeding."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -265,6 +267,12 @@ def test_a_rated_row_repacked_continues_as_the_whole_text(sampler, models):
     np.testing.assert_allclose(on_cache, whole, atol=1e-5)
   with pytest.raises(ValueError, match=r"repack to 15 slots would drop tokens of a row that holds 16\."):
     sampler.repack(rated, 15)
+  # One short row gathered into a padded batch packs by its own length: the padding rows copy it, not the
+  # (longer) first row of its source.
+  padded = Sampler(models[1], vocab=VOCAB, buckets=dataclasses.replace(BUCKETS, batch=(4,)))
+  longest_first = padded.gather([rated], [(0, 2), (0, 0)])
+  short = padded.repack(padded.gather([longest_first], [(0, 1)]), len(texts[0]))
+  assert short.cache.batch_size == 4 and int(short.cache.end) == len(texts[0])
 
 
 def test_fork_copies_rows(sampler, models):
