@@ -22,7 +22,7 @@ The workdir holds:
   rows.jsonl    one JSON object per (strategy, budget, problem): strategy, budget, index, uid, gold, answer,
                 correct, tokens_generated, tokens_prompted, tokens_scored, context, flops, seconds, beam_width,
                 run (the search that gave it, e.g. "best_of_n@32")
-  chains.jsonl  per problem of each best_of_n run: its chains' answers, scores and tokens generated
+  chains.jsonl  per problem of each best_of_n run: its chains' answers, scores, tokens generated and leaf ids
   table.md, accuracy_vs_tokens.png, accuracy_vs_flops.png   from `report`
   compute_optimal.md   from `report` with eval.probe > 0: uniform against difficulty-aware allocation of the
                 same total samples (`compute_optimal`, read from chains.jsonl; it searches nothing)
@@ -349,7 +349,7 @@ def _chains_record(run: Run, index: int, problem: problems_lib.Problem, result: 
   weights = [_step_tokens(t, c.nodes) for c in all_chains]
   per_token = result.usage.generated / max(sum(weights), 1)
   return dict(run=run.name, index=index, uid=problem.uid, gold=problem.answer,
-              chains=[dict(answer=c.answer, score=c.score, tokens=round(w * per_token, 2))
+              chains=[dict(answer=c.answer, score=c.score, tokens=round(w * per_token, 2), leaf=c.leaf)
                       for c, w in zip(all_chains, weights)])
 
 
@@ -609,8 +609,13 @@ def allocate(difficulties: Sequence[float], total: int, probe: int, cap: int) ->
 
 
 def _vote(record: dict, n: int, rule: str) -> tuple[bool, float]:
-  """Whether the rule's vote over the record's first n chains is right, and those chains' tokens."""
-  chains_ = record["chains"][:n]
+  """Whether the rule's vote over the record's first n chains is right, and those chains' tokens.
+
+  The candidates are in leaf-id order, as `subsample_answer` and beam.search order them (ties go to the answer
+  seen first), so that uniform at n is rows.jsonl's value at n; records written before chains had a "leaf"
+  keep their sampling order and may break a tie the other way.
+  """
+  chains_ = sorted(record["chains"][:n], key=lambda c: c.get("leaf", 0))
   chosen = answers_lib.vote([c["answer"] for c in chains_], [c["score"] for c in chains_], rule)
   answer = None if chosen is None else chains_[chosen]["answer"]
   right = answer is not None and grading.is_equivalent(answer, record["gold"])

@@ -316,3 +316,14 @@ def test_bad_compare_values_raise_one_sentence(value, message):
     evaluate.parse_compare(value)
   assert message in str(error.value) and str(error.value).endswith(".")
   assert evaluate.parse_compare("before:runs/a, after:runs/b") == {"before": "runs/a", "after": "runs/b"}
+
+
+def test_the_uniform_vote_breaks_ties_in_leaf_order_as_the_rows_do():
+  # Chains 1 and 2 tie 1-1 under majority; chain 2 ended first (the smaller leaf id), so its answer wins, as
+  # subsample_answer and beam.search choose; without leaf ids the sampling order decides.
+  record = dict(gold="5", chains=[dict(answer="4", score=0.9, tokens=10, leaf=7),
+                                  dict(answer="5", score=0.1, tokens=30, leaf=3)])
+  assert evaluate._vote(record, 2, "majority") == (True, 40)
+  for c in record["chains"]:
+    del c["leaf"]
+  assert evaluate._vote(record, 2, "majority") == (False, 40)
