@@ -458,7 +458,9 @@ def plot_groups(groups: Mapping[str, Sequence[Cell]], x: str, path: str) -> None
   ax.set_xscale("log")
   ax.set_xlabel({"tokens": "tokens generated per problem", "flops": "forward FLOPs per problem"}[x])
   ax.set_ylabel("accuracy (95% Wilson interval)")
-  ax.set_ylim(0, 1)
+  # Up to the highest interval (a small model's accuracies would lie flat at the bottom of a 0-1 axis).
+  top = max(c.interval[1] for cells_ in groups.values() for c in cells_)
+  ax.set_ylim(0, min(1.0, math.ceil((top + 0.02) * 20) / 20))
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize="small", ncol=2 if len(groups) > 1 else 1)
   fig.tight_layout()
